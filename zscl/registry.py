@@ -34,9 +34,13 @@ class Registry(Generic[T]):
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
-            self._loaded = True
             assert self._loader is not None
-            self._loader()
+            self._loaded = True  # set first: the loader registers entries, which calls back here
+            try:
+                self._loader()
+            except BaseException:
+                self._loaded = False  # a failed import is retried (and re-raised) on the next lookup
+                raise
 
     @overload
     def register(self, name: str, obj: T, *, overwrite: bool = False) -> T: ...
