@@ -1,0 +1,79 @@
+"""``zscl fit | validate | test``: LightningCLI over :class:`ContinualCLIP` and :class:`ContinualDataModule`.
+
+    zscl fit --config configs/method/zscl.yaml --config configs/task/dtd.yaml \\
+             --model.init_from runs/aircraft/Aircraft.safetensors --data.data_root /data
+    zscl fit --config method/zscl --config task/dtd --print_config
+
+After ``fit`` the final (averaged) weights are exported as safetensors (``--model.export_path``,
+default ``<default_root_dir>/<Dataset>.safetensors``) and the task's test split is evaluated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class ZSCLCLI(LightningCLI):
+    """LightningCLI with zscl's defaults: iteration-based training, atomic checkpoints, export after fit."""
+
+    def instantiate_trainer(self, **kwargs):
+        from zscl.runner.progress import AtomicCheckpointIO
+
+        if not (self._get(self.config_init, "trainer", default={}) or {}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        from zscl.runner.progress import TaskProgressBar
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, TaskProgressBar):
+                cb.description = f"fit {self.datamodule.spec.name}"
+        if not self.model.hparams.export_path:
+            root = Path(self.trainer.default_root_dir)
+            self.model.hparams.export_path = str(root / f"{self.datamodule.spec.name}.safetensors")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"exported the final weights to {self.model.hparams.export_path}")
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if self.trainer.is_global_zero:
+            for name, acc in self.model.eval_results.items():
+                print(f"zero-shot {name}: top-1 {acc.top1:.2f}  top-5 {acc.top5:.2f}  ({acc.n} images)")
+
+
+def _run(subcommand: str, argv: list[str]) -> int:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zscl.cli.errors import report_errors
+    from zscl.cli.quiet import quiet_lightning
+    from zscl.cli.sequence import trainer_defaults
+    from zscl.methods import ContinualCLIP, ContinualDataModule
+    from zscl.runner.configs import resolve_config_args
+    from zscl.runner.progress import TaskProgressBar
+
+    defaults = {**trainer_defaults(), "max_epochs": -1, "num_sanity_val_steps": 0, "default_root_dir": "runs/fit",
+                "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_top_k=0, save_last=True),
+                              TaskProgressBar("fit")]}
+    quiet_lightning()
+    with report_errors(f"zscl {subcommand}") as status:
+        # LightningCLI reads sys.argv, which Lightning's DDP launcher also re-executes on the other ranks.
+        sys.argv = [sys.argv[0], subcommand, *resolve_config_args(argv)]
+        ZSCLCLI(ContinualCLIP, ContinualDataModule, trainer_defaults=defaults, seed_everything_default=42,
+                save_config_kwargs={"overwrite": True})
+    return status.code
+
+
+def fit(argv: list[str]) -> int:
+    return _run("fit", argv)
+
+
+def validate(argv: list[str]) -> int:
+    return _run("validate", argv)
+
+
+def test(argv: list[str]) -> int:
+    return _run("test", argv)

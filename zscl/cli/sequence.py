@@ -1,0 +1,63 @@
+"""``zscl sequence``: a whole continual benchmark with one method; resumable; writes results.json.
+
+    zscl sequence --config configs/benchmark/mtil_order1.yaml --config configs/method/zscl.yaml --out DIR
+
+Configs deep-merge left to right; any key can be overridden after them (``--model.lr``,
+``--data.data_root``, ``--trainer.devices 2 --trainer.strategy ddp``, ``--steps 100``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import ActionConfigFile
+
+
+def trainer_defaults() -> dict:
+    """One device, bf16 autocast on GPUs that have it, fp32 on CPU; iteration-based training."""
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {"accelerator": "auto", "devices": 1, "precision": "bf16-mixed" if bf16 else "32-true",
+            "max_steps": 1000, "log_every_n_steps": 10}
+
+
+def build_parser():
+    import lightning as L
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from zscl.methods import ContinualCLIP, ContinualDataModule
+    from zscl.runner.configs import Benchmark
+    from zscl.runner.sequence import RunOptions
+
+    p = LightningArgumentParser(prog="zscl sequence", description=__doc__.strip().splitlines()[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (repeatable; names like method/zscl work)")
+    p.add_argument("--seed_everything", type=int, default=42, help="seed of model initialisation and data streams")
+    p.add_class_arguments(RunOptions, None)
+    p.add_class_arguments(Benchmark, "benchmark")
+    p.add_lightning_class_args(ContinualCLIP, "model")
+    p.add_lightning_class_args(ContinualDataModule, "data")
+    p.add_lightning_class_args(L.Trainer, "trainer")
+    p.set_defaults({f"trainer.{k}": v for k, v in trainer_defaults().items()})
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from zscl.cli.errors import report_errors
+    from zscl.runner.configs import resolve_config_args
+
+    from zscl.cli.quiet import quiet_lightning
+
+    quiet_lightning()
+    with report_errors("zscl sequence") as status:
+        argv = resolve_config_args(argv)
+        parser = build_parser()
+        cfg = parser.parse_args(argv)
+        from zscl.runner.sequence import SequenceRunner
+
+        SequenceRunner(parser, cfg).run()
+    return status.code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Typed configuration blocks of the continual-learning LightningModule (LightningCLI schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class Distillation:
+    """ZSCL's feature-space distillation on reference data against the frozen *initial* CLIP.
+
+    ``image``/``text`` weight the image-side and text-side KD terms (0 switches a term off);
+    ``temperature`` is T of ``KD(t, s) = CE(s/T, softmax(t/T)) * T^2``.
+
+    ``text_mode`` picks the text-side term:
+
+    * ``"coded"`` (default; the reference code, which produced the published numbers): the
+      image-side logit matrix transposed, ``KD(t^T, u^T)`` with ``u = s * f_student(ref) @
+      g_teacher(texts)^T``. Both terms use the *teacher's* cached text embeddings, so only the
+      student's image encoder receives gradients from distillation.
+    * ``"paper"`` (the paper's description): the student side uses the *student's* own text
+      embeddings of the reference texts, ``u' = s * f_student(ref) @ g_student(texts)^T``, so
+      gradients also flow through the student text encoder. Encoding all reference texts
+      every step is costly; ``text_batch`` samples that many texts per step (None = all).
+    """
+
+    image: float = 0.0
+    text: float = 0.0
+    text_mode: Literal["coded", "paper"] = "coded"
+    temperature: float = 2.0
+    text_batch: Optional[int] = None
+
+    @property
+    def active(self) -> bool:
+        return self.image > 0 or self.text > 0
+
+
+@dataclass
+class Speed:
+    """Fast-path switches. ``"auto"`` means on for CUDA, off on CPU (where they do not pay).
+
+    * ``compile``: ``torch.compile`` the student image encoder in place (keys unchanged).
+    * ``fused_adamw``: the fused CUDA AdamW kernel.
+    * ``teacher_dtype``: the frozen teacher's weights in bf16 under inference mode.
+    * ``concat_forward``: one student image forward over task + reference images (skipped
+      automatically for towers with BatchNorm, where it would change the statistics).
+    * ``fold_weight_constraint``: add WC's closed-form gradient after backward instead of
+      building it in the autograd graph (off automatically under fp16 loss scaling).
+    """
+
+    compile: Union[bool, Literal["auto"]] = "auto"
+    fused_adamw: Union[bool, Literal["auto"]] = "auto"
+    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    concat_forward: bool = True
+    fold_weight_constraint: bool = True
+
+
+def resolve_auto(value: Union[bool, str], on_cuda: bool) -> bool:
+    return on_cuda if value == "auto" else bool(value)

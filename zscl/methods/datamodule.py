@@ -1,0 +1,152 @@
+"""The data side of one continual task: the task stream, the reference stream, evaluation sets.
+
+* Training batches come from :class:`~zscl.datasets.streams.StepBatchStream`: endless,
+  deterministic per step and rank, resumable mid-task (the stream starts at
+  ``trainer.global_step``, which Lightning restores before it asks for the loader).
+* The reference stream (only when the method distils) is independent of the task stream:
+  its own seed, the *test* transform as in the paper, and its own batch size (default: the
+  task batch size). Webdataset shards stream with resampling instead.
+* Evaluation: one loader per evaluation dataset, each rank reading a contiguous shard, from
+  the preprocessed uint8 cache by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+
+from zscl.datasets.streams import StepBatchStream, stream_loader
+from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
+
+
+class ContinualDataModule(L.LightningDataModule):
+    """Data for training one task and for zero-shot evaluation.
+
+    Args:
+        dataset: the task's registered dataset name (e.g. ``DTD``).
+        data_root: folder holding the datasets in their torchvision layouts.
+        batch_size: task batch per device (reference: 64).
+        reference_batch_size: reference images per device and step (default: ``batch_size``).
+        eval_batch_size: evaluation batch (reference: 128).
+        eval_datasets: datasets evaluated by validate/test (default: the task's dataset).
+        num_workers: DataLoader workers for each stream.
+        seed: seed of the task and reference streams.
+        reference_images / reference_texts: ZSCL's reference data (paper: ImageNet train + CC captions).
+        custom_datasets: user datasets (ImageFolder or CSV; a YAML file or a list) registered first.
+        eval_cache: evaluate from the preprocessed uint8 image cache.
+        cache_dir: where the cache lives (default ``~/.cache/zscl/eval`` or ``$ZSCL_CACHE/eval``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "DTD",
+        data_root: str = "data",
+        batch_size: int = 64,
+        reference_batch_size: Optional[int] = None,
+        eval_batch_size: int = 128,
+        eval_datasets: Optional[list[str]] = None,
+        num_workers: int = 4,
+        seed: int = 42,
+        reference_images: Optional[ReferenceImages] = None,
+        reference_texts: Optional[ReferenceTexts] = None,
+        custom_datasets: Union[str, list[dict[str, Any]], None] = None,
+        eval_cache: bool = True,
+        cache_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        from zscl.datasets import get_dataset, load_custom_datasets
+
+        if custom_datasets:
+            load_custom_datasets(custom_datasets, data_root=data_root)
+        self.spec = get_dataset(dataset)  # an unknown task fails here, before any training
+        self.data_root = data_root
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.reference_batch_size = reference_batch_size or batch_size
+        self.eval_names = [get_dataset(n).name for n in (eval_datasets or [self.spec.name])]
+        self.num_workers, self.seed = num_workers, seed
+        self.reference_images = reference_images or ReferenceImages()
+        self.reference_texts = reference_texts or ReferenceTexts()
+        self.eval_cache, self.cache_dir = eval_cache, cache_dir
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _bundle(self):
+        return self.trainer.lightning_module.bundle
+
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def reference_tokens(self, tokenizer) -> torch.Tensor:
+        """Token ids of all reference texts (the teacher encodes them once per task)."""
+        return reference_text_tokens(self.reference_texts, self.data_root, tokenizer)
+
+    def check_reference(self) -> None:
+        """Fail early, with the expected location, if the reference data is missing."""
+        try:
+            if self.reference_images.source != "wds":
+                reference_image_dataset(self.reference_images, self.data_root, None)
+            from zscl.reference import reference_texts
+
+            if self.reference_texts.source != "random":
+                reference_texts(self.reference_texts, self.data_root)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(
+                f"ZSCL needs reference data, which is missing: {err}. Configure it with "
+                "--data.reference_images.{source,path} and --data.reference_texts.{source,path} "
+                f"(paths relative to data_root={self.data_root})."
+            ) from err
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.lightning_module.needs_reference:
+            self.check_reference()
+
+    def train_dataloader(self) -> CombinedLoader:
+        from zscl.datasets import build_dataset
+
+        rank, world = self._rank()
+        step = self.trainer.global_step if self.trainer is not None else 0
+        task = build_dataset(self.spec.name, self.data_root, "train", self._bundle.train_transform)
+        pin = torch.cuda.is_available()
+        loaders = {"task": stream_loader(StepBatchStream(task, self.batch_size, seed=self.seed, start_step=step,
+                                                         rank=rank, world_size=world), self.num_workers, pin)}
+        if self.trainer.lightning_module.needs_reference:
+            loaders["ref"] = self._reference_loader(step, rank, world, pin)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _reference_loader(self, step: int, rank: int, world: int, pin: bool):
+        cfg, tf = self.reference_images, self._bundle.test_transform
+        if cfg.source == "wds":
+            import webdataset as wds
+
+            stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1)
+            return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
+        dataset = reference_image_dataset(cfg, self.data_root, tf)
+        stream = StepBatchStream(dataset, self.reference_batch_size, seed=self.seed + 1, start_step=step,
+                                 rank=rank, world_size=world)
+        return stream_loader(stream, self.num_workers, pin)
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node: build the evaluation caches there once.
+        if self.eval_cache and self.trainer is not None:
+            for name in self.eval_names:
+                self._eval_loader(name, rank=0, world=1)
+
+    def _eval_loader(self, name: str, rank: int, world: int):
+        from zscl.evaluation.zeroshot import dataset_batches
+
+        loader, _, _ = dataset_batches(name, self.data_root, self._bundle.test_transform, batch_size=self.eval_batch_size,
+                                       num_workers=self.num_workers, cache=self.eval_cache, cache_dir=self.cache_dir,
+                                       rank=rank, world_size=world)
+        return loader
+
+    def val_dataloader(self) -> list:
+        rank, world = self._rank()
+        return [self._eval_loader(n, rank, world) for n in self.eval_names]
+
+    def test_dataloader(self) -> list:
+        return self.val_dataloader()

@@ -1,0 +1,71 @@
+"""Losses of continual CLIP fine-tuning and ZSCL (Zheng et al., ICCV 2023).
+
+Notation: ``f`` L2-normalised image features, ``g`` L2-normalised text features, ``s`` the
+logit scale (``exp(logit_scale)``, 100 for CLIP; it never trains).
+
+* Task loss: ``CE(s * f_task @ g_class^T, y, label_smoothing)``.
+* Distillation, with ``KD(t, s) = CE(s / T, softmax(t / T)) * T^2`` averaged over rows:
+  ``t = s * f_teacher(ref) @ g_teacher(texts)^T``, ``u = s * f_student(ref) @ g(texts)^T``;
+  image loss ``KD(t, u)`` (a distribution over reference texts per reference image) and
+  text loss ``KD(t^T, u^T)`` (a distribution over the batch's reference images per text).
+* Weight constraint (WC): ``lambda * sum_p ||p - p_taskstart||^2``, sum reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton distillation ``CE(s/T, softmax(t/T)) * T^2``, mean over rows (the reference's ``distillation``)."""
+    target = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return F.cross_entropy(student_logits.float() / temperature, target) * temperature**2
+
+
+def distillation_logits(
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher logits of reference images against reference text embeddings (fp32)."""
+    text_emb = text_emb.float()
+    return scale * student_feats.float() @ text_emb.t(), scale * teacher_feats.float() @ text_emb.t()
+
+
+def weight_constraint(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_p ||p - a||^2`` with foreach kernels (one launch per kernel, not per parameter)."""
+    if not params:
+        return torch.zeros(())
+    diffs = torch._foreach_sub([p.detach() for p in params], list(anchors))
+    norms = torch._foreach_norm(diffs)
+    return torch.stack(norms).float().pow(2).sum()
+
+
+@torch.no_grad()
+def add_weight_constraint_grad_(params: Sequence[torch.nn.Parameter], anchors: Sequence[torch.Tensor], coef: float) -> None:
+    """``grad += 2 * coef * (p - a)``: the gradient of ``coef * ||p - a||^2`` folded in after backward.
+
+    Adding the term to the loss would make autograd build and keep a full copy of every
+    parameter difference; the gradient is known in closed form, so two in-place foreach passes
+    over (grad, p, a) do the same work with no extra memory.
+    """
+    pairs = [(p, a) for p, a in zip(params, anchors) if p.grad is not None]
+    if not pairs:
+        return
+    grads = [p.grad for p, _ in pairs]
+    torch._foreach_add_(grads, [p.detach() for p, _ in pairs], alpha=2.0 * coef)
+    torch._foreach_add_(grads, [a for _, a in pairs], alpha=-2.0 * coef)
+
+
+def cosine_warmup_factor(step: int, base_steps: int, warmup: int) -> float:
+    """The reference's schedule as a factor of the base lr, for 0-based iteration ``step``.
+
+    ``(step + 1) / warmup`` during warm-up, then ``0.5 * (1 + cos(pi * (step - warmup) / (N - warmup)))``.
+    """
+    import math
+
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(base_steps - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))

@@ -1,0 +1,344 @@
+"""Continual CLIP fine-tuning as one LightningModule: plain fine-tuning, ZSCL and its ablations.
+
+One training iteration (Zheng et al., ICCV 2023; the reference code's ``finetune.py``):
+
+``L = CE(s f_task g_class^T, y; label smoothing) + a KD_img + b KD_txt + lambda sum_p ||p - p_0||^2``
+
+* ``g_class``: the first (training) template filled with each class name, encoded by the
+  *current* text tower ("whole" mode trains both towers; ``logit_scale`` never trains);
+* ``KD_img``/``KD_txt``: :class:`~zscl.methods.config.Distillation` against the frozen
+  *initial* CLIP on reference images/texts (never the previous task's model);
+* ``p_0``: the weights as loaded at the start of the current task (weight constraint, WC);
+* the weight ensemble (WE), EMA and other averaging run as callbacks over the student's
+  parameters (``averaging`` specs, see :mod:`zscl.merging.callbacks`).
+
+Which ingredients are on is configuration: ``configs/method/*.yaml`` name the paper's methods
+and ablations. The student is ``self.clip``; the teacher is kept outside the module's
+submodules so that it is neither checkpointed, nor averaged, nor wrapped by DDP.
+
+Deviations from the reference, all without changing the maths: the teacher's text embeddings
+of the reference texts are computed once per task (the reference re-encodes them every step);
+task and reference images share one student forward (ViT towers only); the WC gradient is
+added in closed form after backward; "text" mode trains the text tower against frozen image
+features (the reference's "text" mode leaves nothing trainable under the CE loss).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from zscl.evaluation.cache import normalize_images
+from zscl.evaluation.zeroshot import Accuracy, build_classifier, encode_texts, image_logits, topk_correct
+from zscl.methods.config import Distillation, Speed, resolve_auto
+from zscl.methods.losses import (
+    add_weight_constraint_grad_,
+    cosine_warmup_factor,
+    distillation_logits,
+    kd_loss,
+    weight_constraint,
+)
+
+
+class ContinualCLIP(L.LightningModule):
+    """Fine-tunes an open_clip CLIP on one task of a continual sequence (finetune / ZSCL / ablations).
+
+    Args:
+        clip: open_clip architecture name (or an OpenAI JIT file).
+        pretrained: the *initial* weights: open_clip tag or local file. The teacher is this model.
+        init_from: weights to start this task from (the previous task's export); default: ``pretrained``.
+        train_mode: which tower trains: ``whole`` (paper), ``image`` or ``text``.
+        lr, weight_decay, betas: AdamW (reference: lr 1e-5, 5e-5 for Aircraft/MNIST; wd 0; (0.9, 0.999)).
+        warmup_steps: linear warm-up, then cosine to 0 at ``trainer.max_steps``, stepped per iteration.
+        label_smoothing: of the task cross-entropy (reference: 0.2).
+        distill: ZSCL distillation (off by default: plain fine-tuning).
+        weight_constraint: lambda of WC (reference ``--l2 1``); 0 = off.
+        averaging: averaging callbacks by name, e.g. ``[{"name": "we", "every": 100}]`` (ZSCL's WE).
+        speed: fast-path switches (all on for CUDA by default).
+        export_path: write the final (averaged) weights here as safetensors after training.
+        nan_check_every: check for a non-finite loss every N steps (a host sync; not every step).
+    """
+
+    def __init__(
+        self,
+        clip: str = "ViT-B-16",
+        pretrained: Optional[str] = "openai",
+        init_from: Optional[str] = None,
+        train_mode: Literal["whole", "image", "text"] = "whole",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        label_smoothing: float = 0.2,
+        distill: Optional[Distillation] = None,
+        weight_constraint: float = 0.0,
+        averaging: Optional[list[dict[str, Any]]] = None,
+        speed: Optional[Speed] = None,
+        export_path: Optional[str] = None,
+        nan_check_every: int = 50,
+    ) -> None:
+        super().__init__()
+        from zscl.models import load_clip, load_weights, select_trainable
+
+        self.save_hyperparameters()
+        self.distill = distill or Distillation()
+        self.speed = speed or Speed()
+        # Plain dicts in hparams keep Lightning checkpoints loadable with torch.load(weights_only=True).
+        self.hparams["distill"], self.hparams["speed"] = asdict(self.distill), asdict(self.speed)
+        self.averaging = list(averaging or [])
+        self._check_averaging_specs()
+        bundle = load_clip(clip, pretrained)
+        self.bundle = bundle
+        self.clip = bundle.model.train()  # load_clip returns eval mode; Lightning switches for evaluation
+        # The frozen initial model, outside the submodule tree (object.__setattr__ skips registration).
+        teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False) if self.distill.active else None
+        object.__setattr__(self, "teacher", teacher)
+        self._initial_cpu = None if pretrained is not None else {k: v.detach().clone() for k, v in self.clip.named_parameters()}
+        if init_from:
+            load_weights(self.clip, init_from)
+        self.trainable = select_trainable(self.clip, train_mode)
+        self._trainable_names = [n for n, _ in self.trainable]
+        # Task-start weights: WC's anchor and the averaging callbacks' first member.
+        self.anchors = [p.detach().clone() for _, p in self.trainable]
+        self.eval_results: dict[str, Accuracy] = {}
+        self.ref_text_emb: Optional[torch.Tensor] = None
+        self.ref_text_tokens: Optional[torch.Tensor] = None
+        self.class_tokens: Optional[torch.Tensor] = None
+        self.class_emb_frozen: Optional[torch.Tensor] = None
+        self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    # ----------------------------------------------------------------- configuration
+    def _check_averaging_specs(self) -> None:
+        from zscl.merging.callbacks import AVERAGING_CALLBACKS
+
+        for spec in self.averaging:
+            if "name" not in spec:
+                raise ValueError(f"an averaging spec needs a 'name' (one of {AVERAGING_CALLBACKS.names()}), got {spec}")
+            AVERAGING_CALLBACKS.get(spec["name"])  # unknown names fail here, before any training
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from zscl.merging.callbacks import AVERAGING_CALLBACKS
+        from zscl.methods.guards import FiniteLossGuard
+
+        if self._trainer is not None and self.trainer.state.fn != "fit":
+            return []  # validate/test after fit: the fit's callbacks are already attached
+        callbacks: list[L.Callback] = [FiniteLossGuard(self.hparams.nan_check_every)]
+        for spec in self.averaging:
+            kwargs = {k: v for k, v in spec.items() if k != "name"}
+            callbacks.append(AVERAGING_CALLBACKS.get(spec["name"])(**kwargs))
+        return callbacks
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        steps = self.trainer.max_steps
+        if steps is None or steps <= 0:
+            raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
+        fused = resolve_auto(self.speed.fused_adamw, self.device.type == "cuda")
+        opt = torch.optim.AdamW([p for _, p in self.trainable], lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                weight_decay=self.hparams.weight_decay, fused=fused or None)
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cosine_warmup_factor(k, steps, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.distill.active
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    # ----------------------------------------------------------------- set-up per task
+    def on_fit_start(self) -> None:
+        self.anchors = [a.to(self.device) for a in self.anchors]
+        dm = self.trainer.datamodule
+        tokens = self.bundle.tokenizer(dm.spec.prompts()).to(self.device)
+        self.class_tokens = tokens
+        if self.hparams.train_mode == "image":
+            with torch.no_grad():  # the text tower is frozen: its class embeddings are constant
+                self.class_emb_frozen = encode_texts(self.clip, tokens)
+        if self.distill.active:
+            self._prepare_teacher(dm)
+        if resolve_auto(self.speed.compile, self.on_cuda):
+            self.clip.visual.compile()
+
+    def _prepare_teacher(self, dm) -> None:
+        dtype = {"auto": torch.bfloat16 if self.on_cuda else torch.float32, "fp32": torch.float32,
+                 "bf16": torch.bfloat16, "fp16": torch.float16}[self.speed.teacher_dtype]
+        self.teacher.to(self.device, dtype=dtype)
+        tokens = dm.reference_tokens(self.bundle.tokenizer).to(self.device)
+        with torch.inference_mode():
+            emb = encode_texts(self.teacher, tokens)
+        self.ref_text_emb = emb.clone()  # a normal tensor: inference tensors cannot be saved for backward
+        self.ref_text_tokens = tokens if self.distill.text_mode == "paper" else None
+
+    # ----------------------------------------------------------------- training
+    def _image_features(self, images: torch.Tensor, ref: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        grad = torch.enable_grad() if self.hparams.train_mode != "text" else torch.no_grad()
+        with grad:
+            if ref is not None and self.speed.concat_forward and not _has_batchnorm(self.clip.visual):
+                feats = F.normalize(self.clip.encode_image(torch.cat([images, ref])), dim=-1)
+                return feats[: len(images)], feats[len(images):]
+            task = F.normalize(self.clip.encode_image(images), dim=-1)
+            return task, (F.normalize(self.clip.encode_image(ref), dim=-1) if ref is not None else None)
+
+    def _class_features(self) -> torch.Tensor:
+        if self.class_emb_frozen is not None:
+            return self.class_emb_frozen
+        return F.normalize(self.clip.encode_text(self.class_tokens), dim=-1)
+
+    def _teacher_features(self, ref: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            feats = F.normalize(self.teacher.encode_image(ref.to(next(self.teacher.parameters()).dtype)).float(), dim=-1)
+        return feats.clone()
+
+    def _distillation(self, student_ref: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        from zscl.methods.distributed import gather_features
+
+        teacher_ref = gather_features(self._teacher_features(ref), with_grad=False)
+        student_ref = gather_features(student_ref, with_grad=True)
+        student, teacher = distillation_logits(student_ref, teacher_ref, self.ref_text_emb, scale)
+        parts: dict[str, torch.Tensor] = {}
+        d = self.distill
+        if d.image > 0:
+            parts["kd_image"] = kd_loss(teacher, student, d.temperature)
+        if d.text > 0 and d.text_mode == "coded":
+            parts["kd_text"] = kd_loss(teacher.t(), student.t(), d.temperature)
+        elif d.text > 0:
+            parts["kd_text"] = self._paper_text_loss(student_ref, teacher_ref, scale)
+        return parts
+
+    def _paper_text_loss(self, student_ref: torch.Tensor, teacher_ref: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Text-side KD with the student's own text embeddings (the paper's description)."""
+        idx = None
+        n = len(self.ref_text_tokens)
+        if self.distill.text_batch is not None and self.distill.text_batch < n:
+            idx = torch.randperm(n, device=self.device)[: self.distill.text_batch]
+        tokens = self.ref_text_tokens if idx is None else self.ref_text_tokens[idx]
+        teacher_txt = self.ref_text_emb if idx is None else self.ref_text_emb[idx]
+        student_txt = F.normalize(self.clip.encode_text(tokens), dim=-1)
+        student = scale * student_ref.float() @ student_txt.float().t()
+        teacher = scale * teacher_ref.float() @ teacher_txt.float().t()
+        return kd_loss(teacher.t(), student.t(), self.distill.temperature)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["task"]
+        ref = batch.get("ref")
+        task_feats, ref_feats = self._image_features(images, ref if self.distill.active else None)
+        scale = self.clip.logit_scale.exp().detach().float()
+        logits = scale * task_feats.float() @ self._class_features().float().t()
+        parts = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)}
+        if self.distill.active:
+            parts.update(self._distillation(ref_feats, ref, scale))
+        loss = parts["ce"] + self.distill.image * parts.get("kd_image", 0.0) + self.distill.text * parts.get("kd_text", 0.0)
+        if self.hparams.weight_constraint > 0 and not self._fold_wc():
+            loss = loss + self.hparams.weight_constraint * _wc_autograd([p for _, p in self.trainable], self.anchors)
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+        self._log_parts(loss, parts)
+        return loss
+
+    def _fold_wc(self) -> bool:
+        # Under fp16 loss scaling the gradients seen after backward are scaled: keep WC in the loss.
+        return self.speed.fold_weight_constraint and str(self.trainer.precision) not in {"16-mixed", "16"}
+
+    def on_after_backward(self) -> None:
+        lam = self.hparams.weight_constraint
+        if lam > 0 and self._fold_wc():
+            accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
+            add_weight_constraint_grad_([p for _, p in self.trainable], self.anchors, lam / accumulate)
+
+    def _log_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Loss parts to the loggers (``train/<part>``) and, under short names, the progress bar.
+
+        Only every ``log_every_n_steps``: reading a logged tensor is a host sync.
+        """
+        every = max(int(self.trainer.log_every_n_steps), 1)
+        if self.global_step % every != 0:
+            return
+        logged = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+        if self.hparams.weight_constraint > 0:
+            logged["wc"] = self.hparams.weight_constraint * weight_constraint([p for _, p in self.trainable], self.anchors)
+            if self._fold_wc():
+                logged["loss"] = logged["loss"] + logged["wc"]
+        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=1)
+        self.log_dict(logged, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+
+    # ----------------------------------------------------------------- weights for callbacks / export
+    def reference_weights(self, kind: Literal["initial", "task_start"]) -> dict[str, torch.Tensor]:
+        """fp32 parameters of the initial CLIP or of this task's starting point, by open_clip name."""
+        if kind == "task_start":
+            start = dict(zip(self._trainable_names, self.anchors))
+            return {n: start.get(n, p.detach()).float() for n, p in self.clip.named_parameters()}
+        if kind != "initial":
+            raise ValueError(f"reference_weights: kind must be 'initial' or 'task_start', got {kind!r}")
+        if self._initial_cpu is None:
+            from zscl.models import load_clip
+
+            model = load_clip(self.hparams.clip, self.hparams.pretrained).model
+            self._initial_cpu = {k: v.detach() for k, v in model.named_parameters()}
+        return {k: v.to(self.device).float() for k, v in self._initial_cpu.items()}
+
+    def export_weights(self, path: str) -> None:
+        """The student's open_clip state dict as safetensors (loadable by ``open_clip.create_model``)."""
+        from zscl.models import save_state_dict
+
+        if self.trainer is None or self.trainer.is_global_zero:
+            meta = {"clip": str(self.hparams.clip), "pretrained": str(self.hparams.pretrained)}
+            save_state_dict(self.clip.state_dict(), path, metadata=meta)
+
+    def on_train_end(self) -> None:
+        # Callbacks' on_train_end (averaging) has already run: this exports the averaged weights.
+        if self.hparams.export_path:
+            self.export_weights(self.hparams.export_path)
+
+    # ----------------------------------------------------------------- zero-shot evaluation
+    def on_validation_epoch_start(self) -> None:
+        from zscl.datasets import get_dataset
+
+        names = self.trainer.datamodule.eval_names
+        amp = torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else None
+        self._eval_names = list(names)
+        self._classifiers = [build_classifier(self.clip, self.bundle.tokenizer, get_dataset(n).classnames,
+                                              get_dataset(n).templates, device=self.device, amp_dtype=amp)
+                             for n in names]
+        self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        images = normalize_images(images, self.bundle.mean, self.bundle.std)
+        logits = image_logits(self.clip, images, self._classifiers[dataloader_idx])
+        hits = topk_correct(logits, labels)
+        self._counts[dataloader_idx, :2] += hits
+        self._counts[dataloader_idx, 2] += len(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 else self._counts
+        counts = counts.tolist()
+        self.eval_results = {n: Accuracy(*c) for n, c in zip(self._eval_names, counts)}
+        for name, acc in self.eval_results.items():
+            self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, add_dataloader_idx=False)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+
+def _has_batchnorm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _wc_autograd(params: list[torch.nn.Parameter], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """WC inside the autograd graph (the plain path; used under fp16 loss scaling)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors)) if params else torch.zeros(())
+
+
+__all__ = ["ContinualCLIP", "Distillation", "Speed"]

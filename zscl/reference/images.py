@@ -1,0 +1,149 @@
+"""Unlabeled reference images for ZSCL's distillation.
+
+The paper streams ImageNet train images with the *test* transform (no augmentation), one
+reference batch per task batch. Sources:
+
+* ``dataset``: a registered dataset's split (default ``ImageNet`` train); labels are dropped;
+* ``folder``: every image under a folder, recursively, in sorted order (an ImageFolder or
+  ImageNet-style tree, or a flat folder);
+* ``csv``: a CSV/TSV whose ``column`` holds image paths (the Conceptual Captions validation
+  file: tab-separated, ``filepath`` and ``title``), relative to the file's folder;
+* ``wds``: webdataset shards (brace patterns allowed), streamed with resampled shards and
+  ``split_by_node``, so every DDP rank draws an endless, distinct stream.
+
+Relative paths resolve against the data root.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class ReferenceImages:
+    """Where ZSCL's reference images come from (default: ImageNet train, as in the paper)."""
+
+    source: Literal["dataset", "folder", "csv", "wds"] = "dataset"
+    path: str = "ImageNet"  # dataset name | folder | CSV/TSV file | shard pattern
+    split: Literal["train", "test"] = "train"  # for source=dataset
+    column: str = "filepath"  # for source=csv
+    limit: Optional[int] = None  # keep only the first N images (after sorting)
+
+
+def resolve(path: str, data_root: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(data_root) / p
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files, RGB-converted, transformed; items are tensors (no label)."""
+
+    def __init__(self, files: list[Path], transform: Callable | None) -> None:
+        if not files:
+            raise FileNotFoundError("no reference images found")
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Any:
+        with Image.open(self.files[i]) as img:
+            img = img.convert("RGB")
+        return self.transform(img) if self.transform is not None else img
+
+
+class DropLabels(Dataset):
+    """A labelled dataset seen as images only."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i][0]
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference image folder {folder} does not exist")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV or TSV file with a header (the delimiter is sniffed: tab or comma)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"reference file {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        head = f.readline()
+        f.seek(0)
+        delimiter = "\t" if "\t" in head else ","
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def csv_images(path: Path, column: str) -> list[Path]:
+    rows = read_table(path)
+    if rows and column not in rows[0]:
+        raise ValueError(f"{path} has no column {column!r}; columns: {', '.join(rows[0])}")
+    return [path.parent / row[column] for row in rows]
+
+
+def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None) -> Dataset:
+    """A map-style dataset of reference images for the ``dataset``, ``folder`` and ``csv`` sources."""
+    if cfg.source == "dataset":
+        from zscl.datasets import build_dataset
+
+        dataset: Dataset = DropLabels(build_dataset(cfg.path, data_root, cfg.split, transform))
+    elif cfg.source == "folder":
+        dataset = ImageFiles(list_images(resolve(cfg.path, data_root)), transform)
+    elif cfg.source == "csv":
+        dataset = ImageFiles(csv_images(resolve(cfg.path, data_root), cfg.column), transform)
+    else:
+        raise ValueError(f"source {cfg.source!r} is streamed; use reference_wds_stream")
+    if cfg.limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))  # type: ignore[arg-type]
+    return dataset
+
+
+class _FirstImage:
+    """Picklable webdataset map: the first image field of a sample, transformed."""
+
+    KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+    def __init__(self, transform: Callable | None) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> Any:
+        for key in self.KEYS:
+            if key in sample:
+                img = sample[key].convert("RGB")
+                return self.transform(img) if self.transform is not None else img
+        raise KeyError(f"webdataset sample {sample.get('__key__')} has no image field ({', '.join(self.KEYS)})")
+
+
+def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
+                         batch_size: int, seed: int = 0):
+    """An endless webdataset pipeline of reference-image batches, DDP- and worker-safe.
+
+    Resampled shards never run dry, so every rank can draw the same number of batches;
+    ``split_by_node``/``split_by_worker`` keep ranks and workers on distinct shards
+    (webdataset's default ``single_node_only`` raises under DDP, NOTES §4).
+    """
+    import webdataset as wds
+
+    pattern = cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root))
+    dataset = wds.WebDataset(
+        pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker, seed=seed, handler=wds.warn_and_continue, empty_check=False,
+    )
+    return dataset.shuffle(1000, seed=seed).decode("pil").map(_FirstImage(transform)).batched(batch_size, partial=False)

@@ -1,0 +1,262 @@
+"""The continual sequence runner: zero-shot row, then train -> export -> evaluate per task.
+
+Files under ``out/``:
+
+* ``results.json`` — ``datasets``, ``tasks``, ``accuracy`` (rows so far; row i = after task i,
+  percent), ``top5``, ``zero_shot``, ``metrics`` (once complete), the resolved ``config`` and
+  ``versions``; rewritten atomically after every row (``zscl metrics`` reads it directly);
+* ``checkpoints/NN-<Dataset>.safetensors`` — each task's final (averaged) weights, open_clip layout;
+* ``tasks/NN-<Dataset>/last.ckpt`` — Lightning checkpoints every ``checkpoint_every`` steps;
+* ``logs/`` — CSV and TensorBoard logs, one version per task.
+
+Rerunning the same command continues where it stopped: finished rows are kept, a task whose
+export exists is only evaluated, and an interrupted task resumes from its last checkpoint (the
+data streams, optimizer, scheduler and averaging state all resume with it). Under DDP every rank
+runs this loop; rank 0 writes files and the others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from zscl.runner.configs import task_dataset, task_overlay
+from zscl.runner.progress import AtomicCheckpointIO, progress_bar
+from zscl.utils.io import write_json_atomic
+
+
+@dataclass
+class RunOptions:
+    """Options of ``zscl sequence`` that are not the model's, the data's or the trainer's."""
+
+    out: str = "runs/sequence"
+    steps: Optional[int] = None  # override every task's steps
+    checkpoint_every: int = 100  # Lightning checkpoint interval (steps) for mid-task resume
+    keep_checkpoints: bool = False  # keep each task's Lightning checkpoint after its row is saved
+    progress: str = "rich"  # rich | tqdm | none
+
+
+def is_rank_zero() -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def say(text: str) -> None:
+    if is_rank_zero():
+        print(text, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import open_clip
+
+    import zscl
+
+    return {"zscl": zscl.__version__, "torch": torch.__version__, "lightning": lightning.__version__,
+            "open_clip": open_clip.__version__, "python": platform.python_version()}
+
+
+def _flatten(prefix: str, obj: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(_flatten(name, value) if isinstance(value, dict) and key not in ("init_args",) else {name: value})
+    return out
+
+
+class SequenceRunner:
+    """Runs one benchmark with one method configuration; see the module docstring."""
+
+    def __init__(self, parser, cfg) -> None:
+        from zscl.datasets import load_custom_datasets
+
+        self.parser, self.cfg = parser, cfg
+        if cfg.data.custom_datasets:  # user datasets must exist before task names are checked
+            load_custom_datasets(cfg.data.custom_datasets, data_root=cfg.data.data_root)
+        self.opts = RunOptions(**{k: cfg[k] for k in vars(RunOptions())})
+        self.out = Path(self.opts.out)
+        self.tasks = list(cfg.benchmark.tasks)
+        if not self.tasks:
+            raise ValueError("the benchmark has no tasks: pass --config benchmark/<name> or set benchmark.tasks")
+        self.task_names = [task_dataset(t) for t in self.tasks]
+        self.eval_names = list(cfg.benchmark.eval_datasets or self.task_names)
+        self.results = self._load_results()
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """Bad inputs fail here, before any evaluation or training."""
+        from zscl.datasets import get_dataset
+        from zscl.methods.config import Distillation
+
+        for name in self.task_names + self.eval_names:
+            get_dataset(name)  # RegistryError with suggestions
+        distill = self.cfg.model.distill
+        if distill is not None and Distillation(**vars(distill)).active:
+            self._datamodule_only().check_reference()
+
+    def _datamodule_only(self):
+        from zscl.methods.datamodule import ContinualDataModule
+        from zscl.reference import ReferenceImages, ReferenceTexts
+
+        d = self.cfg.data
+        images = ReferenceImages(**vars(d.reference_images)) if d.reference_images else None
+        texts = ReferenceTexts(**vars(d.reference_texts)) if d.reference_texts else None
+        return ContinualDataModule(dataset=self.task_names[0], data_root=d.data_root, reference_images=images,
+                                   reference_texts=texts, custom_datasets=d.custom_datasets)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _results_path(self) -> Path:
+        return self.out / "results.json"
+
+    def _load_results(self) -> dict[str, Any]:
+        import json
+
+        path = self._results_path()
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old.get("tasks") != self.task_names or old.get("datasets") != self.eval_names:
+                raise ValueError(f"{path} belongs to another sequence ({old.get('tasks')}); use a new --out")
+            return old
+        return {"benchmark": self.cfg.benchmark.name, "tasks": self.task_names, "datasets": self.eval_names,
+                "accuracy": [], "top5": [], "zero_shot": None, "zero_shot_top5": None, "timing": []}
+
+    def _save(self) -> None:
+        if is_rank_zero():
+            self.results["config"] = self.parser.dump(self.cfg, format="json", skip_none=False)
+            self.results["versions"] = versions()
+            write_json_atomic(self._results_path(), self.results)
+        barrier()
+
+    def _slug(self, k: int) -> str:
+        return f"{k:02d}-{self.task_names[k]}"
+
+    def _export_path(self, k: int) -> Path:
+        return self.out / "checkpoints" / f"{self._slug(k)}.safetensors"
+
+    # ------------------------------------------------------------------ building blocks
+    def _task_cfg(self, k: int, init_from: Optional[str], eval_only: bool = False):
+        cfg = copy.deepcopy(self.cfg)
+        for key, value in _flatten("", task_overlay(self.tasks[k])).items():
+            cfg[key] = value
+        cfg["model.init_from"] = init_from
+        cfg["model.export_path"] = None
+        cfg["data.eval_datasets"] = self.eval_names
+        cfg["data.seed"] = self.cfg.data.seed + k
+        if self.opts.steps is not None:
+            cfg["trainer.max_steps"] = self.opts.steps
+        if eval_only:
+            cfg["model.distill"] = None  # no teacher needed to evaluate
+            cfg["model.averaging"] = None
+        return cfg
+
+    def _instantiate(self, cfg):
+        L.seed_everything(int(self.cfg.seed_everything), workers=True, verbose=False)
+        init = self.parser.instantiate_classes(cfg)
+        return init.model, init.data, dict(init.trainer)
+
+    def _trainer(self, kwargs: dict[str, Any], k: Optional[int], description: str) -> L.Trainer:
+        kwargs = dict(kwargs)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        bar = progress_bar(self.opts.progress, description)
+        callbacks += [bar] if bar is not None else []
+        if k is not None:
+            ckpt_dir = self.out / "tasks" / self._slug(k)
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=self.opts.checkpoint_every,
+                                             save_top_k=0, save_last=True, save_on_exception=False))
+            kwargs["logger"] = [CSVLogger(self.out / "logs", name="csv", version=self._slug(k)),
+                                TensorBoardLogger(self.out / "logs", name="tb", version=self._slug(k))]
+        else:
+            kwargs["logger"] = False
+        kwargs.update(callbacks=callbacks, enable_progress_bar=bar is not None, max_epochs=-1,
+                      num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(self.out),
+                      plugins=[AtomicCheckpointIO()])
+        return L.Trainer(**kwargs)
+
+    def _evaluate(self, trainer: L.Trainer, module, dm) -> tuple[list[float], list[float]]:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        res = module.eval_results
+        return [res[n].top1 for n in self.eval_names], [res[n].top5 for n in self.eval_names]
+
+    # ------------------------------------------------------------------ the sequence
+    def run(self) -> dict[str, Any]:
+        n = len(self.tasks)
+        say(f"zscl sequence: {self.cfg.benchmark.name}, {n} tasks -> {self.out}")
+        if self.results["zero_shot"] is None:
+            self._zero_shot()
+        for k in range(n):
+            if k < len(self.results["accuracy"]):
+                continue
+            self._task(k)
+        self._finish()
+        return self.results
+
+    def _zero_shot(self) -> None:
+        say("row 0: zero-shot evaluation of the initial model")
+        model, dm, kw = self._instantiate(self._task_cfg(0, self.cfg.model.init_from, eval_only=True))
+        top1, top5 = self._evaluate(self._trainer(kw, None, "zero-shot"), model, dm)
+        self.results["zero_shot"], self.results["zero_shot_top5"] = top1, top5
+        self._save()
+        say(self._row_text("zero-shot", top1))
+
+    def _task(self, k: int) -> None:
+        name, export = self.task_names[k], self._export_path(k)
+        prev = str(self._export_path(k - 1)) if k > 0 else self.cfg.model.init_from
+        title = f"task {k + 1}/{len(self.tasks)}: {name}"
+        t0 = time.time()
+        if export.exists():  # trained before an interruption; only the evaluation is missing
+            say(f"{title}: weights found at {export}, evaluating")
+            model, dm, kw = self._instantiate(self._task_cfg(k, str(export), eval_only=True))
+            trainer = self._trainer(kw, None, title)
+        else:
+            model, dm, kw = self._instantiate(self._task_cfg(k, prev))
+            trainer = self._trainer(kw, k, title)
+            ckpt = self.out / "tasks" / self._slug(k) / "last.ckpt"
+            resume = str(ckpt) if ckpt.exists() else None
+            say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
+            trainer.fit(model, datamodule=dm, ckpt_path=resume)
+            model.export_weights(str(export))
+            barrier()
+        t1 = time.time()
+        top1, top5 = self._evaluate(trainer, model, dm)
+        self.results["accuracy"].append(top1)
+        self.results["top5"].append(top5)
+        self.results["timing"].append({"task": name, "train_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
+        self._save()
+        say(self._row_text(f"after {name}", top1))
+        if not self.opts.keep_checkpoints and is_rank_zero():
+            (self.out / "tasks" / self._slug(k) / "last.ckpt").unlink(missing_ok=True)
+
+    def _row_text(self, label: str, row: list[float]) -> str:
+        cells = "  ".join(f"{n[:10]}={v:.1f}" for n, v in zip(self.eval_names, row))
+        return f"  {label:<24} {cells}"
+
+    def _finish(self) -> None:
+        from zscl.evaluation.metrics import AccuracyMatrix, format_table, summarize
+
+        if self.eval_names != self.task_names:
+            say("evaluation datasets differ from the task list: Transfer/Avg/Last need a square matrix; skipped")
+            return
+        m = AccuracyMatrix(self.eval_names, self.results["accuracy"], self.results["zero_shot"])
+        summary = summarize(m)
+        self.results["metrics"] = summary
+        self._save()
+        say(format_table(m, summary))
+        say(f"wrote {self._results_path()}")
