@@ -81,5 +81,6 @@ data:
   reference_texts: {{source: captions, path: tiny/reference/captions.tsv}}
 trainer:
   accelerator: cpu
+  log_every_n_steps: 2
 """)
     return path

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from zscl.datasets.streams import mix_seed
 from zscl.evaluation.cache import normalize_images
 from zscl.evaluation.zeroshot import Accuracy, build_classifier, encode_texts, image_logits, topk_correct
 from zscl.methods.config import Distillation, Speed, resolve_auto
@@ -100,7 +101,7 @@ class ContinualCLIP(L.LightningModule):
         object.__setattr__(self, "teacher", teacher)
         self._initial_cpu = None if pretrained is not None else {k: v.detach().clone() for k, v in self.clip.named_parameters()}
         if init_from:
-            load_weights(self.clip, init_from)
+            load_weights(self.clip, init_from, arch=bundle.name)
         self.trainable = select_trainable(self.clip, train_mode)
         self._trainable_names = [n for n, _ in self.trainable]
         # Task-start weights: WC's anchor and the averaging callbacks' first member.
@@ -217,7 +218,9 @@ class ContinualCLIP(L.LightningModule):
         idx = None
         n = len(self.ref_text_tokens)
         if self.distill.text_batch is not None and self.distill.text_batch < n:
-            idx = torch.randperm(n, device=self.device)[: self.distill.text_batch]
+            # Seeded by the step, not the global RNG, so that a resumed run draws the same texts.
+            g = torch.Generator().manual_seed(mix_seed(17, self.global_step))
+            idx = torch.randperm(n, generator=g)[: self.distill.text_batch].to(self.device)
         tokens = self.ref_text_tokens if idx is None else self.ref_text_tokens[idx]
         teacher_txt = self.ref_text_emb if idx is None else self.ref_text_emb[idx]
         student_txt = F.normalize(self.clip.encode_text(tokens), dim=-1)
@@ -257,7 +260,7 @@ class ContinualCLIP(L.LightningModule):
         Only every ``log_every_n_steps``: reading a logged tensor is a host sync.
         """
         every = max(int(self.trainer.log_every_n_steps), 1)
-        if self.global_step % every != 0:
+        if (self.global_step + 1) % every != 0:  # the steps on which Lightning writes to its loggers
             return
         logged = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
         if self.hparams.weight_constraint > 0:

@@ -18,6 +18,7 @@ runs this loop; rank 0 writes files and the others wait at barriers.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import time
@@ -126,8 +127,6 @@ class SequenceRunner:
         return self.out / "results.json"
 
     def _load_results(self) -> dict[str, Any]:
-        import json
-
         path = self._results_path()
         if path.exists():
             with open(path, encoding="utf-8") as f:
@@ -140,7 +139,7 @@ class SequenceRunner:
 
     def _save(self) -> None:
         if is_rank_zero():
-            self.results["config"] = self.parser.dump(self.cfg, format="json", skip_none=False)
+            self.results["config"] = json.loads(self.parser.dump(self.cfg, format="json", skip_none=False))
             self.results["versions"] = versions()
             write_json_atomic(self._results_path(), self.results)
         barrier()
