@@ -209,3 +209,24 @@ trainer:
     assert (tmp_path / "fit" / "TinyStripes.safetensors").exists()
     printed = run_zscl("fit", "--config", "method/zscl", "--config", str(task), "--print_config").stdout
     assert "weight_constraint: 1.0" in printed and "dataset: TinyStripes" in printed
+
+
+@pytest.mark.parametrize("method,init", [("magmax", "sequential"), ("task_arithmetic", "independent")])
+def test_merge_based_methods_evaluate_the_merge_of_trained_weights(world, method, init):
+    import yaml
+
+    from zscl.merging import merge
+
+    out = world / "runs" / method
+    run_zscl(*sequence_args(world, out, f"method/{method}"))
+    res = read_results(out)
+    assert len(res["accuracy"]) == 2 and res["config"]["continual"]["merge"] == method
+    trained = [load_file(str(out / "trained" / f"{s}.safetensors")) for s in ("00-TinyColors", "01-TinyStripes")]
+    initial = load_file(str(out / "trained" / "initial.safetensors"))
+    hparams = res["config"]["continual"]["hparams"]
+    expected = merge(method, initial, trained, **hparams)
+    got = load_file(str(out / "checkpoints" / "01-TinyStripes.safetensors"))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    logged = (out / "logs" / "csv" / "01-TinyStripes" / "hparams.yaml").read_text()
+    start = yaml.safe_load(next(line for line in logged.splitlines() if line.startswith("init_from:")))["init_from"]
+    assert (start is None) if init == "independent" else start.endswith("trained/00-TinyColors.safetensors")

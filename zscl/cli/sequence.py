@@ -28,13 +28,14 @@ def build_parser():
 
     from zscl.methods import ContinualCLIP, ContinualDataModule
     from zscl.runner.configs import Benchmark
-    from zscl.runner.sequence import RunOptions
+    from zscl.runner.sequence import Continual, RunOptions
 
     p = LightningArgumentParser(prog="zscl sequence", description=__doc__.strip().splitlines()[0])
     p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (repeatable; names like method/zscl work)")
     p.add_argument("--seed_everything", type=int, default=42, help="seed of model initialisation and data streams")
     p.add_class_arguments(RunOptions, None)
     p.add_class_arguments(Benchmark, "benchmark")
+    p.add_class_arguments(Continual, "continual")
     p.add_lightning_class_args(ContinualCLIP, "model")
     p.add_lightning_class_args(ContinualDataModule, "data")
     p.add_lightning_class_args(L.Trainer, "trainer")

@@ -289,7 +289,7 @@ class ContinualCLIP(L.LightningModule):
         """The student's open_clip state dict as safetensors (loadable by ``open_clip.create_model``)."""
         from zscl.models import save_state_dict
 
-        if self.trainer is None or self.trainer.is_global_zero:
+        if self._trainer is None or self._trainer.is_global_zero:
             meta = {"clip": str(self.hparams.clip), "pretrained": str(self.hparams.pretrained)}
             save_state_dict(self.clip.state_dict(), path, metadata=meta)
 

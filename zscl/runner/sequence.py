@@ -22,9 +22,9 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -46,6 +46,24 @@ class RunOptions:
     checkpoint_every: int = 100  # Lightning checkpoint interval (steps) for mid-task resume
     keep_checkpoints: bool = False  # keep each task's Lightning checkpoint after its row is saved
     progress: str = "rich"  # rich | tqdm | none
+
+
+@dataclass
+class Continual:
+    """How tasks chain, and an optional merge after each task (merge-based continual methods).
+
+    * ``init``: each task starts from the previous task's *trained* weights (``sequential``) or
+      from the initial model (``independent``).
+    * ``merge``: a :data:`zscl.merging.MERGE_RULES` name applied after task t to
+      ``(base = initial weights, models = trained weights of tasks 0..t)``; the merged model is
+      the one evaluated and exported. MagMax (Marczak et al. 2024) is ``sequential`` + ``magmax``;
+      task arithmetic / TIES over independent fine-tunes is ``independent`` + ``task_arithmetic``/``ties``.
+    * ``hparams``: the rule's hyperparameters (e.g. ``{scale: 0.5}``).
+    """
+
+    init: Literal["sequential", "independent"] = "sequential"
+    merge: Optional[str] = None
+    hparams: dict[str, Any] = field(default_factory=dict)
 
 
 def is_rank_zero() -> bool:
@@ -92,6 +110,7 @@ class SequenceRunner:
         if cfg.data.custom_datasets:  # user datasets must exist before task names are checked
             load_custom_datasets(cfg.data.custom_datasets, data_root=cfg.data.data_root)
         self.opts = RunOptions(**{k: cfg[k] for k in vars(RunOptions())})
+        self.continual = Continual(**vars(cfg.continual))
         self.out = Path(self.opts.out)
         self.tasks = list(cfg.benchmark.tasks)
         if not self.tasks:
@@ -108,6 +127,10 @@ class SequenceRunner:
 
         for name in self.task_names + self.eval_names:
             get_dataset(name)  # RegistryError with suggestions
+        if self.continual.merge is not None:
+            from zscl.merging import MERGE_RULES
+
+            MERGE_RULES.get(self.continual.merge)
         distill = self.cfg.model.distill
         if distill is not None and Distillation(**vars(distill)).active:
             self._datamodule_only().check_reference()
@@ -215,26 +238,29 @@ class SequenceRunner:
         self._save()
         say(self._row_text("zero-shot", top1))
 
+    def _trained_path(self, k: int) -> Path:
+        """Where a merge-based method keeps task k's fine-tuned (unmerged) weights."""
+        return self.out / "trained" / f"{self._slug(k)}.safetensors"
+
+    def _start_point(self, k: int) -> Optional[str]:
+        if k == 0 or self.continual.init == "independent":
+            return self.cfg.model.init_from
+        prev = self._trained_path(k - 1) if self.continual.merge else self._export_path(k - 1)
+        return str(prev)
+
     def _task(self, k: int) -> None:
         name, export = self.task_names[k], self._export_path(k)
-        prev = str(self._export_path(k - 1)) if k > 0 else self.cfg.model.init_from
         title = f"task {k + 1}/{len(self.tasks)}: {name}"
+        trained = self._trained_path(k) if self.continual.merge else export
         t0 = time.time()
-        if export.exists():  # trained before an interruption; only the evaluation is missing
-            say(f"{title}: weights found at {export}, evaluating")
-            model, dm, kw = self._instantiate(self._task_cfg(k, str(export), eval_only=True))
-            trainer = self._trainer(kw, None, title)
-        else:
-            model, dm, kw = self._instantiate(self._task_cfg(k, prev))
-            trainer = self._trainer(kw, k, title)
-            ckpt = self.out / "tasks" / self._slug(k) / "last.ckpt"
-            resume = str(ckpt) if ckpt.exists() else None
-            say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
-            trainer.fit(model, datamodule=dm, ckpt_path=resume)
-            model.export_weights(str(export))
-            barrier()
+        if not trained.exists():
+            self._fit(k, title, trained)
+        if not export.exists():
+            self._merge_up_to(k)
         t1 = time.time()
-        top1, top5 = self._evaluate(trainer, model, dm)
+        say(f"{title}: evaluating {export}")
+        model, dm, kw = self._instantiate(self._task_cfg(k, str(export), eval_only=True))
+        top1, top5 = self._evaluate(self._trainer(kw, None, title), model, dm)
         self.results["accuracy"].append(top1)
         self.results["top5"].append(top5)
         self.results["timing"].append({"task": name, "train_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
@@ -242,6 +268,40 @@ class SequenceRunner:
         say(self._row_text(f"after {name}", top1))
         if not self.opts.keep_checkpoints and is_rank_zero():
             (self.out / "tasks" / self._slug(k) / "last.ckpt").unlink(missing_ok=True)
+
+    def _fit(self, k: int, title: str, target: Path) -> None:
+        """Train task k (resuming from its last Lightning checkpoint if any) and export to ``target``."""
+        model, dm, kw = self._instantiate(self._task_cfg(k, self._start_point(k)))
+        trainer = self._trainer(kw, k, title)
+        ckpt = self.out / "tasks" / self._slug(k) / "last.ckpt"
+        resume = str(ckpt) if ckpt.exists() else None
+        say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
+        trainer.fit(model, datamodule=dm, ckpt_path=resume)
+        model.export_weights(str(target))
+        barrier()
+
+    def _initial_weights(self) -> Path:
+        """The initial model's state dict as a file (the base of merge-based methods), written once."""
+        path = self.out / "trained" / "initial.safetensors"
+        if not path.exists():
+            model, _, _ = self._instantiate(self._task_cfg(0, self.cfg.model.init_from, eval_only=True))
+            model.export_weights(str(path))
+            barrier()
+        return path
+
+    def _merge_up_to(self, k: int) -> None:
+        """Merged export of task k: the rule over the initial weights and the trained weights of tasks 0..k."""
+        from zscl.merging import merge, open_state_dict
+        from zscl.models import save_state_dict
+
+        c = self.continual
+        base = open_state_dict(self._initial_weights())
+        models = [open_state_dict(self._trained_path(i)) for i in range(k + 1)]
+        say(f"  merging {k + 1} task(s) with {c.merge} {c.hparams or ''}")
+        if is_rank_zero():
+            merged = merge(c.merge, base, models, **c.hparams)
+            save_state_dict(merged, self._export_path(k), metadata={"merge": c.merge, "hparams": json.dumps(c.hparams)})
+        barrier()
 
     def _row_text(self, label: str, row: list[float]) -> str:
         cells = "  ".join(f"{n[:10]}={v:.1f}" for n, v in zip(self.eval_names, row))
