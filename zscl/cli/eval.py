@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -23,11 +23,11 @@ def build_parser() -> ArgumentParser:
                    help="open_clip tag, local checkpoint file (state dict / open_clip / ZSCL / Lightning / safetensors / JIT)")
     p.add_argument("--datasets", type=str, default=MTIL_ORDER1, help="comma-separated dataset names ('mtil' = the 11 MTIL datasets)")
     p.add_argument("--data-root", type=str, default="data", help="folder holding the datasets in their torchvision layouts")
-    p.add_argument("--split", type=str, default="test", choices=["train", "test"])
+    p.add_argument("--split", type=Literal["train", "test"], default="test")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", type=str, default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", type=Literal["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype (auto: bf16 on GPUs that support it, fp32 on CPU)")
     p.add_argument("--cache", type=bool, default=True, help="use the preprocessed uint8 image cache")
     p.add_argument("--cache-dir", type=Optional[str], default=None)
