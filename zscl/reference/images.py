@@ -146,4 +146,5 @@ def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform:
         pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
         workersplitter=wds.split_by_worker, seed=seed, handler=wds.warn_and_continue, empty_check=False,
     )
-    return dataset.shuffle(1000, seed=seed).decode("pil").map(_FirstImage(transform)).batched(batch_size, partial=False)
+    stream = dataset.shuffle(1000, seed=seed).decode("pil").map(_FirstImage(transform))
+    return stream.batched(batch_size, collation_fn=torch.stack, partial=False)

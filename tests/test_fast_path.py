@@ -1,0 +1,148 @@
+"""The fast training step of ContinualCLIP computes the same loss and gradients as a plain ZSCL step.
+
+The module runs through a real Lightning fit (its own concatenated student forward, teacher
+text embeddings cached once, WC folded into the gradient after backward). The reference below
+is written straight from the ZSCL recipe (docs: NOTES §1), in fp32 with nothing shared: separate
+student forwards for task and reference images, teacher text embeddings recomputed from the
+tokens, KD written out, WC added to the loss with a Python loop, autograd for everything.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_bench import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from zscl.bench.step import RandomBatches, build_module, make_trainer
+
+MODEL = "zscl-tiny-vit"
+T = 2.0  # KD temperature of the method configs
+SMOOTHING = 0.2
+
+
+class Capture(L.Callback):
+    """Step 0's inputs (student weights, batch), gradients before the optimizer step, and loss."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.student = copy.deepcopy(pl_module.clip)
+            self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.clip.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:  # incremented by the optimizer step of step 0
+            self.loss = outputs["loss"].detach().clone()
+
+
+def kd(teacher_logits, student_logits):
+    """Hinton KD: cross-entropy of the student's softened distribution to the teacher's, times T^2."""
+    target = torch.softmax(teacher_logits / T, dim=1)
+    return -(target * torch.log_softmax(student_logits / T, dim=1)).sum(dim=1).mean() * T**2
+
+
+def plain_step(student, teacher, tokenizer, prompts, ref_tokens, batch, *, train_mode, text_mode):
+    """One ZSCL iteration as the recipe states it; returns (loss, {name: grad})."""
+    images, labels = batch["task"]
+    ref = batch["ref"]
+    for name, p in student.named_parameters():
+        p.requires_grad_(name != "logit_scale" and (train_mode == "whole" or name.startswith("visual.")))
+        p.grad = None
+    scale = student.logit_scale.exp().detach()
+    f_task = F.normalize(student.encode_image(images), dim=-1)
+    f_ref = F.normalize(student.encode_image(ref), dim=-1)
+    g_class = F.normalize(student.encode_text(tokenizer(prompts)), dim=-1)
+    loss = F.cross_entropy(scale * f_task @ g_class.t(), labels, label_smoothing=SMOOTHING)
+    with torch.no_grad():
+        g_ref_teacher = F.normalize(teacher.encode_text(ref_tokens), dim=-1)
+        f_ref_teacher = F.normalize(teacher.encode_image(ref), dim=-1)
+    t = scale * f_ref_teacher @ g_ref_teacher.t()
+    u = scale * f_ref @ g_ref_teacher.t()
+    loss = loss + kd(t, u)
+    if text_mode == "coded":
+        loss = loss + kd(t.t(), u.t())
+    else:  # the paper's text side: the student's own embeddings of the reference texts
+        g_ref_student = F.normalize(student.encode_text(ref_tokens), dim=-1)
+        loss = loss + kd(t.t(), (scale * f_ref @ g_ref_student.t()).t())
+    # WC, lambda = 1: the anchor is the task-start model, here the initial (teacher) weights.
+    anchors = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            loss = loss + ((p - anchors[name]) ** 2).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+
+
+def perturb_(model):
+    """Move the student away from the teacher and the WC anchor, so KD and WC have gradients."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "logit_scale":
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * (p.std() if p.numel() > 1 else 0.1))
+
+
+def wc_value(student, teacher, train_mode):
+    anchors = dict(teacher.named_parameters())
+    return sum(((p - anchors[n]) ** 2).sum() for n, p in student.named_parameters()
+               if n != "logit_scale" and (train_mode == "whole" or n.startswith("visual."))).detach()
+
+
+CASES = [  # (method config, train mode, text mode, WC folded into the gradient)
+    ("zscl", "whole", "coded", True),
+    ("zscl", "image", "coded", True),
+    ("zscl_paper_text", "whole", "paper", True),
+    ("zscl", "whole", "coded", False),
+]
+
+
+@pytest.mark.parametrize("method,train_mode,text_mode,fold", CASES)
+def test_module_step_matches_plain_fp32_step(method, train_mode, text_mode, fold):
+    from zscl.methods.config import Speed
+
+    torch.manual_seed(0)
+    module = build_module(MODEL, method, train_mode=train_mode, compile="off",
+                          speed=Speed(compile=False, fold_weight_constraint=fold))
+    perturb_(module.clip)
+    teacher = copy.deepcopy(module.teacher)
+    data = RandomBatches(module.bundle.image_size, batch=6, ref_batch=5, classes=7, ref_texts=9, seed=1)
+    capture = Capture()
+    make_trainer(torch.device("cpu"), "32-true", max_steps=3, callbacks=[capture]).fit(module, datamodule=data)
+
+    tokenizer = module.bundle.tokenizer
+    loss, grads = plain_step(capture.student, teacher, tokenizer, data.spec.prompts(), data.reference_tokens(tokenizer),
+                             capture.batch, train_mode=train_mode, text_mode=text_mode)
+    # Folded WC is not part of the returned loss (its gradient is added after backward).
+    module_loss = capture.loss + (wc_value(capture.student, teacher, train_mode) if fold else 0.0)
+    torch.testing.assert_close(module_loss, loss, rtol=1e-5, atol=1e-6)
+    assert set(capture.grads) == set(grads)
+    for name, grad in grads.items():
+        tol = 1e-5 * grad.abs().max().item()  # rtol on the tensor's scale: summation order differs
+        torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")
+    if train_mode == "image":
+        assert not any(n.startswith("transformer.") for n in grads)
+
+
+def test_teacher_is_frozen_and_outside_the_module():
+    torch.manual_seed(0)
+    module = build_module(MODEL, "zscl", compile="off")
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in module.clip.state_dict().items()}
+    data = RandomBatches(module.bundle.image_size, batch=4, ref_batch=4, classes=3, ref_texts=6, seed=2)
+    make_trainer(torch.device("cpu"), "32-true", max_steps=3, callbacks=[]).fit(module, datamodule=data)
+
+    teacher_after = module.teacher.state_dict()
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    # The optimizer did move the student, so an identical teacher is a real check.
+    assert any(not torch.equal(student_before[k], v) for k, v in module.clip.state_dict().items())
+    assert not any(k.startswith("teacher") for k in module.state_dict())
+    teacher_ids = {id(p) for p in module.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in module.parameters()}
+    assert all(module.teacher is not m for m in module.modules())

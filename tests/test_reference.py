@@ -1,0 +1,112 @@
+"""ZSCL's reference data: every image and text source, in the formats users have on disk."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zscl.datasets import CustomDataset, register_custom
+from zscl.reference import (
+    ReferenceImages,
+    ReferenceTexts,
+    reference_image_dataset,
+    reference_text_tokens,
+    reference_texts,
+    reference_wds_stream,
+)
+
+
+def png(value: int) -> Image.Image:
+    return Image.fromarray(np.full((6, 6, 3), value, dtype=np.uint8))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    """An ImageNet-style tree, a CC-style TSV (filepath, title) and two webdataset shards."""
+    import webdataset as wds
+
+    for i in range(6):
+        folder = tmp_path / "imgs" / f"n0{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        png(10 * i).save(folder / f"{i}.png")
+    rows = ["filepath\ttitle"] + [f"imgs/n0{i % 2}/{i}.png\tcaption number {i}" for i in range(6)]
+    (tmp_path / "cc.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "shards").mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"ref-{s:06d}.tar")) as sink:
+            for i in range(4):
+                buf = io.BytesIO()
+                png(100 + 10 * s + i).save(buf, format="PNG")
+                sink.write({"__key__": f"{s}_{i}", "png": buf.getvalue(), "txt": f"shard {s} text {i}"})
+    return tmp_path
+
+
+def test_folder_source_lists_images_recursively_in_sorted_order(pool):
+    ds = reference_image_dataset(ReferenceImages(source="folder", path="imgs"), pool, to_tensor)
+    assert len(ds) == 6
+    assert [int(ds[i][0, 0, 0]) for i in range(6)] == [0, 20, 40, 10, 30, 50]  # n00/0,2,4 then n01/1,3,5
+
+
+def test_csv_source_reads_the_cc_validation_format(pool):
+    ds = reference_image_dataset(ReferenceImages(source="csv", path="cc.tsv", column="filepath"), pool, to_tensor)
+    assert [int(ds[i][0, 0, 0]) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+    with pytest.raises(ValueError, match="no column 'path'"):
+        reference_image_dataset(ReferenceImages(source="csv", path="cc.tsv", column="path"), pool, to_tensor)
+
+
+def test_dataset_source_drops_labels_and_limit_applies(pool):
+    (pool / "lab" / "train" / "a").mkdir(parents=True)
+    (pool / "lab" / "test" / "a").mkdir(parents=True)
+    for i in range(3):
+        png(7).save(pool / "lab" / "train" / "a" / f"{i}.png")
+        png(7).save(pool / "lab" / "test" / "a" / f"{i}.png")
+    register_custom(CustomDataset(name="RefLabelled", kind="imagefolder", path="lab", classnames=["a"]), data_root=pool)
+    ds = reference_image_dataset(ReferenceImages(source="dataset", path="RefLabelled", limit=2), pool, to_tensor)
+    assert len(ds) == 2 and isinstance(ds[0], torch.Tensor) and ds[0].shape == (3, 6, 6)
+
+
+def test_missing_reference_images_are_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reference_image_dataset(ReferenceImages(source="folder", path="nope"), tmp_path, None)
+
+
+def test_webdataset_stream_is_endless_batched_and_split_by_rank(pool, monkeypatch):
+    cfg = ReferenceImages(source="wds", path="shards/ref-{000000..000001}.tar")
+    batches = list(itertools.islice(iter(reference_wds_stream(cfg, pool, to_tensor, batch_size=3, seed=1)), 5))
+    assert len(batches) == 5 and all(b.shape == (3, 3, 6, 6) for b in batches)  # 8 samples, 15 drawn: it cycles
+    import webdataset.utils as wutils
+
+    monkeypatch.setattr(wutils, "pytorch_worker_info", lambda group=None: (1, 2, 0, 1))  # rank 1 of 2
+    other = list(itertools.islice(iter(reference_wds_stream(cfg, pool, to_tensor, batch_size=3, seed=1)), 5))
+    assert len(other) == 5
+    assert any(not torch.equal(a, b) for a, b in zip(batches, other)), "ranks must not draw the same stream"
+
+
+def test_caption_wds_and_classname_texts(pool):
+    caps = reference_texts(ReferenceTexts(source="captions", path="cc.tsv"), pool)
+    assert caps == [f"caption number {i}" for i in range(6)]
+    wds_txt = reference_texts(ReferenceTexts(source="wds", path="shards/ref-{000000..000001}.tar"), pool)
+    assert sorted(wds_txt) == sorted(f"shard {s} text {i}" for s in range(2) for i in range(4))
+    names = reference_texts(ReferenceTexts(source="classnames", datasets=["MNIST"]), pool)
+    assert len(names) == 10 and "0" in names[0]
+    assert reference_texts(ReferenceTexts(source="captions", path="cc.tsv", limit=2), pool) == caps[:2]
+    with pytest.raises(ValueError, match="at least one dataset"):
+        reference_texts(ReferenceTexts(source="classnames"), pool)
+
+
+def test_random_virtual_vocabulary_tokens():
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    t = reference_text_tokens(ReferenceTexts(source="random", n_random=5, random_length=10, seed=3), ".", tok)
+    assert t.shape == (5, 77)
+    assert (t[:, 0] == tok.sot_token_id).all() and (t[:, 11] == tok.eot_token_id).all() and (t[:, 12:] == 0).all()
+    again = reference_text_tokens(ReferenceTexts(source="random", n_random=5, random_length=10, seed=3), ".", tok)
+    assert torch.equal(t, again)
