@@ -10,13 +10,7 @@ import torch
 from zscl.cli.main import main as zscl_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The shared CPU is oversubscribed; a single intra-op thread keeps these runs fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(argv, capsys, tmp_path) -> dict:

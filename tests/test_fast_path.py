@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_bench import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from zscl.bench.step import RandomBatches, build_module, make_trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = "zscl-tiny-vit"
 T = 2.0  # KD temperature of the method configs
 SMOOTHING = 0.2

@@ -33,13 +33,15 @@ def distillation_logits(
     return scale * student_feats.float() @ text_emb.t(), scale * teacher_feats.float() @ text_emb.t()
 
 
+@torch.no_grad()
 def weight_constraint(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_p ||p - a||^2`` with foreach kernels (one launch per kernel, not per parameter)."""
+    """The value ``sum_p ||p - a||^2`` (for logging; the gradient is folded in separately).
+
+    One tensor at a time, so the temporary is one parameter's size, not a copy of the model.
+    """
     if not params:
         return torch.zeros(())
-    diffs = torch._foreach_sub([p.detach() for p in params], list(anchors))
-    norms = torch._foreach_norm(diffs)
-    return torch.stack(norms).float().pow(2).sum()
+    return torch.stack([torch.linalg.vector_norm(p.detach() - a).float() for p, a in zip(params, anchors)]).pow(2).sum()
 
 
 @torch.no_grad()

@@ -165,7 +165,11 @@ class ContinualCLIP(L.LightningModule):
         if self.distill.active:
             self._prepare_teacher(dm)
         if resolve_auto(self.speed.compile, self.on_cuda):
+            # In place (state-dict keys unchanged). The class-text tower trains too in "whole" mode.
             self.clip.visual.compile()
+            self.clip.transformer.compile()
+            if self.teacher is not None:
+                self.teacher.visual.compile()
 
     def _prepare_teacher(self, dm) -> None:
         dtype = {"auto": torch.bfloat16 if self.on_cuda else torch.float32, "fp32": torch.float32,
@@ -218,9 +222,10 @@ class ContinualCLIP(L.LightningModule):
         idx = None
         n = len(self.ref_text_tokens)
         if self.distill.text_batch is not None and self.distill.text_batch < n:
-            # Seeded by the step, not the global RNG, so that a resumed run draws the same texts.
-            g = torch.Generator().manual_seed(mix_seed(17, self.global_step))
-            idx = torch.randperm(n, generator=g)[: self.distill.text_batch].to(self.device)
+            # Seeded by the step, not the global RNG, so that a resumed run draws the same texts;
+            # drawn on the device, so no blocking host-to-device copy per step.
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(17, self.global_step))
+            idx = torch.randperm(n, generator=g, device=self.device)[: self.distill.text_batch]
         tokens = self.ref_text_tokens if idx is None else self.ref_text_tokens[idx]
         teacher_txt = self.ref_text_emb if idx is None else self.ref_text_emb[idx]
         student_txt = F.normalize(self.clip.encode_text(tokens), dim=-1)
@@ -230,7 +235,9 @@ class ContinualCLIP(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, labels = batch["task"]
+        images = normalize_images(images, self.bundle.mean, self.bundle.std)  # loaders ship uint8
         ref = batch.get("ref")
+        ref = normalize_images(ref, self.bundle.mean, self.bundle.std) if ref is not None else None
         task_feats, ref_feats = self._image_features(images, ref if self.distill.active else None)
         scale = self.clip.logit_scale.exp().detach().float()
         logits = scale * task_feats.float() @ self._class_features().float().t()
