@@ -1,0 +1,44 @@
+"""`zscl demo --quick`: the science holds on the real code paths (and the demo's outputs exist).
+
+This test can fail: it asserts the ordering the demo exists to show — continual fine-tuning loses
+zero-shot transfer and ZSCL keeps most of it — on numbers computed by training, not stored ones.
+"""
+
+import json
+
+import pytest
+from PIL import Image
+
+from zscl.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", "--out", str(out), "--progress", "none"])
+    assert exit_.value.code == 0
+    return out
+
+
+def test_quick_demo_shows_zscl_preserving_transfer(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    ft, zs = summary["methods"]["finetune"], summary["methods"]["zscl"]
+    zero_shot = summary["zero_shot"]["transfer"]
+    assert ft["transfer"] < zero_shot - 5, "continual fine-tuning should lose zero-shot transfer"
+    assert zs["transfer"] > ft["transfer"] + 5, "ZSCL should keep clearly more transfer than fine-tuning"
+    assert zs["last"] > 50 and zs["last"] >= ft["last"] - 3, "ZSCL must still learn the tasks"
+    assert summary["acceptance"][0]["passed"], "the tiny CLIP must be >= 2x chance zero-shot on every task"
+
+
+def test_quick_demo_writes_report_results_and_readable_plots(demo):
+    report = (demo / "report.md").read_text()
+    assert "| method | Transfer | Avg | Last |" in report and "ZSCL" in report and "## Acceptance" in report
+    for method in ("finetune", "zscl"):
+        res = json.loads((demo / method / "results.json").read_text())
+        assert len(res["accuracy"]) == len(res["datasets"]) == 5
+    for png in ("heatmap_finetune.png", "heatmap_zscl.png", "transfer_curve.png", "metrics.png"):
+        with Image.open(demo / "plots" / png) as img:
+            assert img.size[0] > 300 and img.size[1] > 200

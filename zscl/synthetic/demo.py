@@ -1,0 +1,174 @@
+"""``zscl demo``: the synthetic benchmark end to end, on the package's real code paths.
+
+The plan is data (``configs/demo.yaml``): which methods run, their labels, and the settings that
+scale the paper's recipe to 100-step tasks on a tiny CLIP. For each method the demo runs exactly
+what ``zscl sequence --config benchmark/synthetic --config method/<m> --config <scale overrides>``
+runs — world files on disk, the dataset registry, the LightningModule, the runner — then writes:
+
+* ``DIR/<method>/results.json`` (and the runner's checkpoints and logs);
+* ``DIR/report.md``: methods x Transfer/Avg/Last, per-dataset tables, the acceptance checks;
+* ``DIR/plots/``: an accuracy-matrix heatmap per method, the zero-shot transfer curve of every method,
+  and the Transfer/Avg/Last bars.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from zscl.resources import configs_dir
+
+
+@dataclass
+class DemoOptions:
+    """Options of ``zscl demo``."""
+
+    out: str = "runs/demo"
+    quick: bool = False  # a smaller world, fewer steps and methods: under 90 s (the test suite's run)
+    methods: Optional[list[str]] = None  # default: the plan's list (quick: its quick list)
+    seed: int = 0
+    progress: str = "rich"  # rich | tqdm | none
+    merging: bool = False  # the merging study instead of the continual comparison
+
+
+def load_plan() -> dict[str, Any]:
+    with open(configs_dir() / "demo.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _method_argv(plan: dict, name: str, opts: DemoOptions, world_root: Path, out: Path) -> list[str]:
+    """The ``zscl sequence`` arguments of one method, its scale overrides written as a config file."""
+    from zscl.utils.io import write_text_atomic
+
+    spec = plan["methods"][name]
+    overrides = dict(spec.get("overrides") or {})
+    if opts.quick:
+        overrides = _deep_merge(overrides, plan["quick"].get("overrides") or {})
+    override_file = out / "demo_overrides.yaml"
+    write_text_atomic(override_file, yaml.safe_dump(overrides or {}, sort_keys=False))
+    argv = ["--config", str(configs_dir() / plan["benchmark"]), "--config", str(configs_dir() / spec["config"]),
+            "--config", str(override_file), "--out", str(out), "--data.data_root", str(world_root),
+            "--progress", opts.progress, "--seed_everything", str(opts.seed)]
+    if opts.quick:
+        argv += ["--steps", str(plan["quick"]["steps"])]
+    return argv
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> dict:
+    """One method's sequence through the real runner (resumes if its folder already has rows)."""
+    from zscl.cli.sequence import build_parser
+    from zscl.runner.sequence import SequenceRunner
+
+    out = Path(opts.out) / name
+    parser = build_parser()
+    cfg = parser.parse_args(_method_argv(plan, name, opts, world_root, out))
+    return SequenceRunner(parser, cfg).run()
+
+
+def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
+    names = opts.methods or (plan["quick"]["methods"] if opts.quick else plan["default"])
+    unknown = [n for n in names if n not in plan["methods"]]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; the plan has {list(plan['methods'])}")
+    return list(names)
+
+
+def _worker(plan: dict, name: str, opts: DemoOptions, world_root: Path, threads: int) -> dict:
+    """One method in a worker process: its own torch threads, its output to ``<out>/<method>/log.txt``."""
+    import contextlib
+
+    import torch
+
+    from zscl.cli.quiet import quiet_lightning
+
+    torch.set_num_threads(threads)
+    quiet_lightning()
+    log = Path(opts.out) / name / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return run_method(plan, name, opts, world_root)
+
+
+def _rows_done(out: Path, names: list[str]) -> int:
+    import json
+
+    done = 0
+    for name in names:
+        try:
+            res = json.loads((out / name / "results.json").read_text())
+            done += len(res["accuracy"]) + (res["zero_shot"] is not None)
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+    return done
+
+
+def _run_parallel(plan: dict, names: list[str], opts: DemoOptions, world_root: Path, jobs: int) -> dict[str, dict]:
+    """Methods in ``jobs`` processes, one torch thread each: tiny models use one core poorly with two
+    threads, and two processes keep both cores busy. A progress bar follows the rows written."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    out = Path(opts.out)
+    total = len(names) * (1 + len(plan_tasks(plan)))
+    results: dict[str, dict] = {}
+    print(f"running {', '.join(names)} in {jobs} processes (logs: {out}/<method>/log.txt)")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, plan, n, opts, world_root, 1): n for n in names}
+        with tqdm(total=total, desc="rows of the accuracy matrices", unit="row", disable=opts.progress == "none") as bar:
+            while len(results) < len(names):
+                for fut, name in futures.items():
+                    if name not in results and fut.done():
+                        results[name] = fut.result()  # re-raises a worker's error here
+                        m = results[name]["metrics"]
+                        tqdm.write(f"  {plan['methods'][name]['label']:<20} Transfer {m['transfer']:5.1f}  "
+                                   f"Avg {m['avg']:5.1f}  Last {m['last']:5.1f}")
+                bar.update(_rows_done(out, names) - bar.n)
+                time.sleep(0.5)
+    return {n: results[n] for n in names}
+
+
+def plan_tasks(plan: dict) -> list:
+    with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
+        return yaml.safe_load(f)["benchmark"]["tasks"]
+
+
+def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
+    """Generate (or reuse) the world, run every method, write the report and plots; returns the summary.
+
+    ``jobs``: methods run at once (default: one per CPU core, at most 2 — and 1 when only one core).
+    """
+    import os
+
+    from zscl.cli.quiet import quiet_lightning
+    from zscl.synthetic.report import write_report
+    from zscl.synthetic.world import generate_world
+
+    quiet_lightning()
+    plan = load_plan()
+    names = methods_to_run(plan, opts)
+    out = Path(opts.out)
+    t0 = time.time()
+    world = generate_world(out / "world", opts.seed, quick=opts.quick)
+    print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root} ({time.time() - t0:.1f} s)")
+    jobs = jobs or max(1, min(2, len(names), os.cpu_count() or 1))
+    if jobs > 1:
+        results = _run_parallel(plan, names, opts, out / "world", jobs)
+    else:
+        results = {}
+        for i, name in enumerate(names):
+            print(f"\n=== method {i + 1}/{len(names)}: {plan['methods'][name]['label']} ({name}) ===")
+            results[name] = run_method(plan, name, opts, out / "world")
+    return write_report(plan, names, results, out, time.time() - t0, quick=opts.quick)
