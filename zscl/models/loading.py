@@ -43,7 +43,9 @@ def _load_builtin_pretrained() -> None:
 
 
 def _synthetic_weights() -> Path:
-    return Path(__file__).resolve().parent.parent / "synthetic" / "weights" / "zscl-synth-tiny.safetensors"
+    from zscl.synthetic.pretrain import synthetic_weights_path  # lazy: the synthetic package is optional here
+
+    return synthetic_weights_path()
 
 
 # "<architecture>/<tag>" -> a path, or a callable returning one (resolved at load time).
