@@ -110,3 +110,17 @@ def test_random_virtual_vocabulary_tokens():
     assert (t[:, 0] == tok.sot_token_id).all() and (t[:, 11] == tok.eot_token_id).all() and (t[:, 12:] == 0).all()
     again = reference_text_tokens(ReferenceTexts(source="random", n_random=5, random_length=10, seed=3), ".", tok)
     assert torch.equal(t, again)
+
+
+def test_reference_cache_returns_the_same_images_and_is_reused(pool, tmp_path):
+    from torchvision.transforms import PILToTensor
+
+    plain = reference_image_dataset(ReferenceImages(source="folder", path="imgs"), pool, PILToTensor())
+    cfg = ReferenceImages(source="folder", path="imgs", cache=True)
+    cached = reference_image_dataset(cfg, pool, PILToTensor(), cache_dir=tmp_path / "c")
+    assert len(cached) == len(plain) and all(torch.equal(cached[i], plain[i]) for i in range(len(plain)))
+    files = sorted((tmp_path / "c").glob("reference-*.npy"))
+    assert len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    reference_image_dataset(cfg, pool, PILToTensor(), cache_dir=tmp_path / "c")
+    assert [f.stat().st_mtime_ns for f in files] == mtimes, "a second use must read the cache, not rebuild it"

@@ -80,15 +80,29 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.images[r.start:r.stop])), self.labels[r.start:r.stop]
 
 
-def cache_key(name: str, split: str, data_root: str | Path, uint8_transform: Callable) -> str:
-    text = f"{CACHE_VERSION}|{name}|{split}|{Path(data_root).resolve()}|{uint8_transform!r}"
+def cache_key(*parts: object) -> str:
+    text = "|".join([str(CACHE_VERSION), *map(str, parts)])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class _WithLabel(Dataset):
+    """Items ``x`` of an unlabelled dataset as ``(x, 0)`` (so one cache format serves both)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[i]
+        return item if isinstance(item, tuple) else (item, 0)
 
 
 def _fill(dataset: Dataset, out: np.ndarray, labels: np.ndarray, num_workers: int, progress: bool, desc: str) -> None:
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(_WithLabel(dataset), batch_size=64, num_workers=num_workers, shuffle=False)
     pos = 0
     for images, ys in tqdm(loader, desc=desc, disable=not progress, leave=False):
         out[pos:pos + len(ys)] = images.numpy()
@@ -96,6 +110,29 @@ def _fill(dataset: Dataset, out: np.ndarray, labels: np.ndarray, num_workers: in
         pos += len(ys)
     if pos != len(labels):
         raise RuntimeError(f"{desc}: the dataset yielded {pos} images but reports {len(labels)}")
+
+
+def materialize(dataset_fn: Callable[[], Dataset], stem: Path, num_workers: int = 0, progress: bool = True,
+                desc: str = "caching") -> CachedImages:
+    """Write every item of a deterministic uint8 dataset once to ``<stem>.npy`` (+ labels); open it.
+
+    ``dataset_fn`` is only called when the cache is missing. Both files are written atomically.
+    """
+    images_path, labels_path = Path(f"{stem}.npy"), Path(f"{stem}.labels.npy")
+    if not (images_path.exists() and labels_path.exists()):
+        dataset = dataset_fn()
+        first = dataset[0]
+        c, h, w = (first[0] if isinstance(first, tuple) else first).shape
+        labels = np.zeros(len(dataset), dtype=np.int64)
+        with atomic_path(images_path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), c, h, w))
+            _fill(dataset, out, labels, num_workers, progress, desc)
+            out.flush()
+            del out
+            with atomic_path(labels_path) as ltmp:
+                with open(ltmp, "wb") as f:  # np.save on a path would append ".npy"
+                    np.save(f, labels)
+    return CachedImages(images_path, labels_path)
 
 
 def cached_dataset(
@@ -112,18 +149,7 @@ def cached_dataset(
 
     uint8_tf, mean, std = split_normalize(test_transform)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = cache_dir / f"{name}-{split}-{cache_key(name, split, data_root, uint8_tf)}"
-    images_path, labels_path = stem.with_suffix(".npy"), Path(f"{stem}.labels.npy")
-    if not (images_path.exists() and labels_path.exists()):
-        dataset = build_dataset(name, data_root, split, uint8_tf)
-        c, h, w = dataset[0][0].shape
-        labels = np.zeros(len(dataset), dtype=np.int64)
-        with atomic_path(images_path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), c, h, w))
-            _fill(dataset, out, labels, num_workers, progress, f"caching {name}/{split}")
-            out.flush()
-            del out
-            with atomic_path(labels_path) as ltmp:
-                with open(ltmp, "wb") as f:  # np.save on a path would append ".npy"
-                    np.save(f, labels)
-    return CachedImages(images_path, labels_path), mean, std
+    stem = cache_dir / f"{name}-{split}-{cache_key(name, split, Path(data_root).resolve(), repr(uint8_tf))}"
+    images = materialize(lambda: build_dataset(name, data_root, split, uint8_tf), stem, num_workers, progress,
+                         f"caching {name}/{split}")
+    return images, mean, std

@@ -41,7 +41,7 @@ class Speed:
     """Fast-path switches. ``"auto"`` means on for CUDA, off on CPU (where they do not pay).
 
     * ``compile``: ``torch.compile`` the student image encoder in place (keys unchanged).
-    * ``fused_adamw``: the fused CUDA AdamW kernel.
+    * ``fused_adamw``: the fused AdamW kernel ("auto": on for CUDA and CPU, which both have one).
     * ``teacher_dtype``: the frozen teacher's weights in bf16 under inference mode.
     * ``concat_forward``: one student image forward over task + reference images (skipped
       automatically for towers with BatchNorm, where it would change the statistics).

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import lightning as L
@@ -101,7 +102,7 @@ class ContinualDataModule(L.LightningDataModule):
         """Fail early, with the expected location, if the reference data is missing."""
         try:
             if self.reference_images.source != "wds":
-                reference_image_dataset(self.reference_images, self.data_root, None)
+                reference_image_dataset(replace(self.reference_images, cache=False), self.data_root, None)
             from zscl.reference import reference_texts
 
             if self.reference_texts.source != "random":
@@ -138,7 +139,7 @@ class ContinualDataModule(L.LightningDataModule):
 
             stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1)
             return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
-        dataset = reference_image_dataset(cfg, self.data_root, tf)
+        dataset = reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir)
         stream = StepBatchStream(dataset, self.reference_batch_size, seed=self.seed + 1, start_step=step,
                                  rank=rank, world_size=world)
         return stream_loader(stream, self.num_workers, pin)

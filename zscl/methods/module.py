@@ -138,7 +138,8 @@ class ContinualCLIP(L.LightningModule):
         steps = self.trainer.max_steps
         if steps is None or steps <= 0:
             raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
-        fused = resolve_auto(self.speed.fused_adamw, self.device.type == "cuda")
+        # The fused kernel exists for CUDA and CPU (on CPU it is ~10x faster than the per-tensor loop).
+        fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
         opt = torch.optim.AdamW([p for _, p in self.trainable], lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                 weight_decay=self.hparams.weight_decay, fused=fused or None)
         warmup = self.hparams.warmup_steps

@@ -37,6 +37,7 @@ class ReferenceImages:
     split: Literal["train", "test"] = "train"  # for source=dataset
     column: str = "filepath"  # for source=csv
     limit: Optional[int] = None  # keep only the first N images (after sorting)
+    cache: bool = False  # decode + test-transform every image once into a uint8 cache (small pools)
 
 
 def resolve(path: str, data_root: str | Path) -> Path:
@@ -98,8 +99,26 @@ def csv_images(path: Path, column: str) -> list[Path]:
     return [path.parent / row[column] for row in rows]
 
 
-def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None) -> Dataset:
-    """A map-style dataset of reference images for the ``dataset``, ``folder`` and ``csv`` sources."""
+def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
+                            cache_dir: str | Path | None = None) -> Dataset:
+    """A map-style dataset of reference images for the ``dataset``, ``folder`` and ``csv`` sources.
+
+    With ``cfg.cache`` the (deterministic, uint8) transformed images are written once to a
+    memory-mapped cache, as for evaluation: worthwhile when the pool fits on disk comfortably
+    and is read every step of every task (the synthetic benchmark's pool, ImageNet subsets).
+    """
+    dataset = _reference_files(cfg, data_root, transform)
+    if not cfg.cache:
+        return dataset
+    from zscl.evaluation.cache import cache_key, default_cache_dir, materialize
+
+    where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit,
+                    len(dataset), repr(transform))
+    return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
+
+
+def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None) -> Dataset:
     if cfg.source == "dataset":
         from zscl.datasets import build_dataset
 
