@@ -42,3 +42,22 @@ def test_quick_demo_writes_report_results_and_readable_plots(demo):
     for png in ("heatmap_finetune.png", "heatmap_zscl.png", "transfer_curve.png", "metrics.png"):
         with Image.open(demo / "plots" / png) as img:
             assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_merging_study_runs_every_applicable_rule(tmp_path):
+    import math
+
+    from zscl.merging import MERGE_RULES
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--merging", "--quick", "--out", str(tmp_path), "--progress", "none"])
+    assert exit_.value.code == 0
+    rows = json.loads((tmp_path / "merging" / "results.json").read_text())
+    not_applicable = {"sparse_soup"}  # needs models that share a pruning mask
+    assert set(MERGE_RULES.names()) - not_applicable <= set(rows), "a merge rule is missing from configs/demo.yaml"
+    assert all(math.isfinite(r["held_in"]) and math.isfinite(r["held_out"]) for r in rows.values())
+    assert rows["average"]["SynthDigit"] != rows["zero-shot (initial)"]["SynthDigit"] or \
+        rows["average"]["SynthPosition"] != rows["zero-shot (initial)"]["SynthPosition"], "merging must change the model"
+    assert "sparse_soup" in (tmp_path / "merging" / "report.md").read_text()
+    with Image.open(tmp_path / "merging" / "merging.png") as img:
+        assert img.size[0] > 500

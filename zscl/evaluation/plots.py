@@ -29,6 +29,8 @@ __all__ = [
     "plot_transfer_curve",
     "metric_bars_figure",
     "plot_metric_bars",
+    "metric_panels_figure",
+    "plot_metric_panels",
 ]
 
 ACCURACY_LABEL = "top-1 accuracy (%)"
@@ -245,3 +247,43 @@ def plot_metric_bars(
     title: str | None = None,
 ) -> Path:
     return _save(metric_bars_figure(table, metrics, title), path)
+
+
+# -- many models, few metrics: one horizontal-bar panel per metric ----------------------------
+
+
+def metric_panels_figure(
+    table: Mapping[str, Mapping[str, float]],
+    metrics: Mapping[str, str],
+    title: str | None = None,
+) -> "Figure":
+    """One panel per metric (``{key: panel title}``), one labelled horizontal bar per model.
+
+    For comparisons of many models (e.g. every merge rule), where grouped vertical bars crowd.
+    The first model is drawn as a dashed reference line in every panel.
+    """
+    values = _metric_values(table, list(metrics))
+    names = list(values)
+    fig = _new_figure(4.0 * len(metrics) + 2.5, max(3.0, 0.32 * len(names) + 1.4))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    colors = _colors(len(names))
+    for col, (ax, (key, label)) in enumerate(zip(axes, metrics.items())):
+        ys = [values[n][col] for n in names]
+        bars = ax.barh(range(len(names)), ys, color=colors)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.axvline(ys[0], color="grey", linestyle="--", linewidth=1)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel(ACCURACY_LABEL)
+        ax.set_xlim(0, max(max(ys) * 1.15, 1.0))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()  # first model on top
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metric_panels(
+    table: Mapping[str, Mapping[str, float]], path: str | Path, metrics: Mapping[str, str], title: str | None = None
+) -> Path:
+    return _save(metric_panels_figure(table, metrics, title), path)

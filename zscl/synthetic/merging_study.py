@@ -122,7 +122,7 @@ def _row(scorer: Scorer, state: dict, study: dict) -> dict[str, float]:
 
 
 def _write(rows: dict[str, dict], study: dict, out: Path, elapsed: float) -> None:
-    from zscl.evaluation.plots import plot_metric_bars
+    from zscl.evaluation.plots import plot_metric_panels
     from zscl.utils.io import write_json_atomic, write_text_atomic
 
     cols = study["held_in"] + study["held_out"]
@@ -138,8 +138,9 @@ def _write(rows: dict[str, dict], study: dict, out: Path, elapsed: float) -> Non
             "`sparse_soup` is not run: it needs models that share a pruning mask, and these fine-tunes are dense."]
     write_text_atomic(out / "report.md", "\n".join(text) + "\n")
     write_json_atomic(out / "results.json", rows)
-    plot_metric_bars({n: r for n, r in rows.items()}, out / "merging.png", metrics=("held_in", "held_out"),
-                     title="merged models: held-in accuracy vs zero-shot on held-out tasks")
+    panels = {"held_in": f"held-in tasks ({', '.join(study['held_in'])})",
+              "held_out": f"held-out tasks, zero-shot ({', '.join(study['held_out'])})"}
+    plot_metric_panels(rows, out / "merging.png", panels, title="merging independent fine-tunes of the tiny CLIP")
     print("\n" + table + f"\n\nwrote {out / 'report.md'}, {out / 'results.json'}, {out / 'merging.png'}")
 
 
