@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_world import benchmark_yaml, make_tiny_world
+from tests.tiny_world import benchmark_yaml, make_tiny_world, task_yaml
 
 STEPS = 8
 pytestmark = pytest.mark.slow
@@ -183,26 +183,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(world)
 
 
 def test_fit_cli_single_task_exports_and_evaluates(world, reference_run, tmp_path):
-    task = tmp_path / "task.yaml"
-    task.write_text(f"""model:
-  clip: zscl-tiny-vit
-  pretrained: null
-  warmup_steps: 2
-  lr: 1.0e-3
-data:
-  dataset: TinyStripes
-  data_root: {world}
-  batch_size: 4
-  num_workers: 0
-  custom_datasets: {world / 'tiny' / 'datasets.yaml'}
-  cache_dir: {world / 'cache'}
-  reference_images: {{source: folder, path: tiny/reference/images}}
-  reference_texts: {{source: captions, path: tiny/reference/captions.tsv}}
-trainer:
-  accelerator: cpu
-  max_steps: 3
-  default_root_dir: {tmp_path / 'fit'}
-""")
+    task = task_yaml(world, tmp_path / "task.yaml", "TinyStripes", steps=3, default_root_dir=tmp_path / "fit")
     init = reference_run / "checkpoints" / "00-TinyColors.safetensors"
     proc = run_zscl("fit", "--config", "configs/method/zscl.yaml", "--config", str(task), "--model.init_from", str(init))
     assert "exported the final weights" in proc.stdout and "zero-shot TinyStripes: top-1" in proc.stdout

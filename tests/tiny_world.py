@@ -58,19 +58,13 @@ def make_tiny_world(root: Path, per_class: int = 6, seed: int = 0) -> Path:
     return yaml_path
 
 
-def benchmark_yaml(root: Path, steps: int = 4) -> Path:
-    """A benchmark config over the tiny tasks with a tiny random-init CLIP."""
-    path = root / "tiny" / "benchmark.yaml"
-    path.write_text(f"""benchmark:
-  name: tiny
-  tasks:
-    - {{dataset: TinyColors, lr: 1.0e-3, steps: {steps}}}
-    - {{dataset: TinyStripes, lr: 1.0e-3, steps: {steps}}}
-model:
+def _settings(root: Path, dataset: str = "", lr: str = "", trainer: str = "") -> str:
+    """The model / data / trainer sections shared by the tiny benchmark and task configs."""
+    return f"""model:
   clip: zscl-tiny-vit
   pretrained: null
-  warmup_steps: 2
-data:
+  warmup_steps: 2{lr}
+data:{dataset}
   data_root: {root}
   batch_size: 4
   eval_batch_size: 8
@@ -81,6 +75,24 @@ data:
   reference_texts: {{source: captions, path: tiny/reference/captions.tsv}}
 trainer:
   accelerator: cpu
-  log_every_n_steps: 2
-""")
+  log_every_n_steps: 2{trainer}
+"""
+
+
+def benchmark_yaml(root: Path, steps: int = 4) -> Path:
+    """A benchmark config over the tiny tasks with a tiny random-init CLIP (for ``zscl sequence``)."""
+    path = root / "tiny" / "benchmark.yaml"
+    path.write_text(f"""benchmark:
+  name: tiny
+  tasks:
+    - {{dataset: TinyColors, lr: 1.0e-3, steps: {steps}}}
+    - {{dataset: TinyStripes, lr: 1.0e-3, steps: {steps}}}
+""" + _settings(root))
+    return path
+
+
+def task_yaml(root: Path, path: Path, dataset: str, steps: int, default_root_dir: Path) -> Path:
+    """A single-task config of the tiny world (for ``zscl fit``)."""
+    path.write_text(_settings(root, dataset=f"\n  dataset: {dataset}", lr="\n  lr: 1.0e-3",
+                              trainer=f"\n  max_steps: {steps}\n  default_root_dir: {default_root_dir}"))
     return path

@@ -226,8 +226,12 @@ def run_step(cfg: StepBench) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model = cfg.model or ("ViT-B-16" if device.type == "cuda" else "zscl-tiny-vit")
     precision = cfg.precision or default_precision(device)
-    if cfg.steps < 1 or cfg.warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={cfg.steps}, warmup={cfg.warmup}")
+    checks = {"steps >= 1": cfg.steps >= 1, "warmup >= 0": cfg.warmup >= 0, "batch >= 1": cfg.batch >= 1,
+              "ref_batch >= 1": cfg.ref_batch >= 1, "classes >= 2": cfg.classes >= 2, "ref_texts >= 1": cfg.ref_texts >= 1}
+    failed = [rule for rule, ok in checks.items() if not ok]
+    if failed:
+        raise ValueError(f"invalid settings: need {', '.join(failed)} (got steps={cfg.steps}, warmup={cfg.warmup}, "
+                         f"batch={cfg.batch}, ref_batch={cfg.ref_batch}, classes={cfg.classes}, ref_texts={cfg.ref_texts})")
     torch.manual_seed(cfg.seed)
     module = build_module(model, cfg.method, train_mode=cfg.train_mode, text_mode=cfg.text_mode,
                           text_batch=cfg.text_batch, compile=cfg.compile)
