@@ -8,10 +8,17 @@ from typing import Literal, Optional, Union
 
 @dataclass
 class Distillation:
-    """ZSCL's feature-space distillation on reference data against the frozen *initial* CLIP.
+    """Feature-space distillation on reference data against a frozen teacher CLIP.
 
     ``image``/``text`` weight the image-side and text-side KD terms (0 switches a term off);
     ``temperature`` is T of ``KD(t, s) = CE(s/T, softmax(t/T)) * T^2``.
+
+    ``teacher`` picks the frozen model:
+
+    * ``"initial"`` (ZSCL): the initial pretrained CLIP, on every task;
+    * ``"task_start"`` (LwF, LwF-VR, iCaRL): the weights this task starts from, i.e. the
+      previous task's final model (the initial CLIP on the first task) — the reference code's
+      ``--ref-model <previous task>.pth``.
 
     ``text_mode`` picks the text-side term:
 
@@ -27,6 +34,7 @@ class Distillation:
 
     image: float = 0.0
     text: float = 0.0
+    teacher: Literal["initial", "task_start"] = "initial"
     text_mode: Literal["coded", "paper"] = "coded"
     temperature: float = 2.0
     text_batch: Optional[int] = None

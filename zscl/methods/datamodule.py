@@ -7,7 +7,8 @@
   ``trainer.global_step``, which Lightning restores before it asks for the loader).
 * The reference stream (only when the method distils) is independent of the task stream:
   its own seed, the *test* transform as in the paper, and its own batch size (default: the
-  task batch size). Webdataset shards stream with resampling instead.
+  task batch size). Webdataset shards stream with resampling instead. With the ``task``
+  source (LwF) it is a second, independently seeded stream over the task's own train split.
 * Evaluation: one loader per evaluation dataset, each rank reading a contiguous shard, from
   the preprocessed uint8 cache by default.
 """
@@ -23,6 +24,8 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from zscl.datasets.streams import StepBatchStream, stream_loader
 from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
+from zscl.reference.images import for_task as images_for_task
+from zscl.reference.texts import for_task as texts_for_task
 
 
 class ContinualDataModule(L.LightningDataModule):
@@ -94,19 +97,29 @@ class ContinualDataModule(L.LightningDataModule):
         except ValueError:
             return transform  # an unusual transform: ship it as is (floats)
 
+    @property
+    def ref_images(self) -> ReferenceImages:
+        """The reference-image source with ``task`` resolved to this task's train split."""
+        return images_for_task(self.reference_images, self.spec.name)
+
+    @property
+    def ref_texts(self) -> ReferenceTexts:
+        """The reference-text source with ``task`` resolved to this task's class prompts."""
+        return texts_for_task(self.reference_texts, self.spec.name, self.seed)
+
     def reference_tokens(self, tokenizer) -> torch.Tensor:
         """Token ids of all reference texts (the teacher encodes them once per task)."""
-        return reference_text_tokens(self.reference_texts, self.data_root, tokenizer)
+        return reference_text_tokens(self.ref_texts, self.data_root, tokenizer)
 
     def check_reference(self) -> None:
         """Fail early, with the expected location, if the reference data is missing."""
         try:
-            if self.reference_images.source != "wds":
-                reference_image_dataset(replace(self.reference_images, cache=False), self.data_root, None)
+            if self.ref_images.source not in ("wds", "memory"):  # a memory is written by the run itself
+                reference_image_dataset(replace(self.ref_images, cache=False), self.data_root, None)
             from zscl.reference import reference_texts
 
-            if self.reference_texts.source != "random":
-                reference_texts(self.reference_texts, self.data_root)
+            if self.ref_texts.source != "random":
+                reference_texts(self.ref_texts, self.data_root)
         except (FileNotFoundError, ValueError) as err:
             raise FileNotFoundError(
                 f"ZSCL needs reference data, which is missing: {err}. Configure it with "
@@ -133,7 +146,7 @@ class ContinualDataModule(L.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _reference_loader(self, step: int, rank: int, world: int, pin: bool):
-        cfg, tf = self.reference_images, self._uint8(self._bundle.test_transform)
+        cfg, tf = self.ref_images, self._uint8(self._bundle.test_transform)
         if cfg.source == "wds":
             import webdataset as wds
 

@@ -6,8 +6,8 @@ One training iteration (Zheng et al., ICCV 2023; the reference code's ``finetune
 
 * ``g_class``: the first (training) template filled with each class name, encoded by the
   *current* text tower ("whole" mode trains both towers; ``logit_scale`` never trains);
-* ``KD_img``/``KD_txt``: :class:`~zscl.methods.config.Distillation` against the frozen
-  *initial* CLIP on reference images/texts (never the previous task's model);
+* ``KD_img``/``KD_txt``: :class:`~zscl.methods.config.Distillation` against a frozen teacher
+  on reference images/texts: the *initial* CLIP for ZSCL, the task-start model for LwF/iCaRL;
 * ``p_0``: the weights as loaded at the start of the current task (weight constraint, WC);
 * the weight ensemble (WE), EMA and other averaging run as callbacks over the student's
   parameters (``averaging`` specs, see :mod:`zscl.merging.callbacks`).
@@ -51,7 +51,7 @@ class ContinualCLIP(L.LightningModule):
 
     Args:
         clip: open_clip architecture name (or an OpenAI JIT file).
-        pretrained: the *initial* weights: open_clip tag or local file. The teacher is this model.
+        pretrained: the *initial* weights: open_clip tag or local file (ZSCL's teacher).
         init_from: weights to start this task from (the previous task's export); default: ``pretrained``.
         train_mode: which tower trains: ``whole`` (paper), ``image`` or ``text``.
         lr, weight_decay, betas: AdamW (reference: lr 1e-5, 5e-5 for Aircraft/MNIST; wd 0; (0.9, 0.999)).
@@ -96,12 +96,15 @@ class ContinualCLIP(L.LightningModule):
         bundle = load_clip(clip, pretrained)
         self.bundle = bundle
         self.clip = bundle.model.train()  # load_clip returns eval mode; Lightning switches for evaluation
-        # The frozen initial model, outside the submodule tree (object.__setattr__ skips registration).
-        teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False) if self.distill.active else None
-        object.__setattr__(self, "teacher", teacher)
         self._initial_cpu = None if pretrained is not None else {k: v.detach().clone() for k, v in self.clip.named_parameters()}
+        if self.distill.active and self.distill.teacher == "initial":
+            self._set_teacher()  # before init_from is loaded: the initial CLIP
         if init_from:
             load_weights(self.clip, init_from, arch=bundle.name)
+        if self.distill.active and self.distill.teacher == "task_start":
+            self._set_teacher()  # after init_from is loaded: the previous task's final model
+        elif not self.distill.active:
+            object.__setattr__(self, "teacher", None)
         self.trainable = select_trainable(self.clip, train_mode)
         self._trainable_names = [n for n, _ in self.trainable]
         # Task-start weights: WC's anchor and the averaging callbacks' first member.
@@ -114,6 +117,11 @@ class ContinualCLIP(L.LightningModule):
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
 
     # ----------------------------------------------------------------- configuration
+    def _set_teacher(self) -> None:
+        """A frozen copy of the student as it is now, kept outside the submodule tree
+        (object.__setattr__ skips registration: no checkpointing, averaging or DDP wrapping)."""
+        object.__setattr__(self, "teacher", copy.deepcopy(self.clip).eval().requires_grad_(False))
+
     def _check_averaging_specs(self) -> None:
         from zscl.merging.callbacks import AVERAGING_CALLBACKS
 

@@ -9,7 +9,11 @@ reference batch per task batch. Sources:
 * ``csv``: a CSV/TSV whose ``column`` holds image paths (the Conceptual Captions validation
   file: tab-separated, ``filepath`` and ``title``), relative to the file's folder;
 * ``wds``: webdataset shards (brace patterns allowed), streamed with resampled shards and
-  ``split_by_node``, so every DDP rank draws an endless, distinct stream.
+  ``split_by_node``, so every DDP rank draws an endless, distinct stream;
+* ``task``: the current task's own training split (LwF, LwF-VR: the reference code's
+  ``--ref-dataset <current task>``); the data module resolves it to ``dataset``;
+* ``memory``: iCaRL's exemplar memory file (``path``), written by the sequence runner after
+  each task (:mod:`zscl.reference.memory`).
 
 Relative paths resolve against the data root.
 """
@@ -17,7 +21,7 @@ Relative paths resolve against the data root.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -32,12 +36,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 class ReferenceImages:
     """Where ZSCL's reference images come from (default: ImageNet train, as in the paper)."""
 
-    source: Literal["dataset", "folder", "csv", "wds"] = "dataset"
-    path: str = "ImageNet"  # dataset name | folder | CSV/TSV file | shard pattern
+    source: Literal["dataset", "folder", "csv", "wds", "task", "memory"] = "dataset"
+    path: str = "ImageNet"  # dataset name | folder | CSV/TSV file | shard pattern | memory JSON
     split: Literal["train", "test"] = "train"  # for source=dataset
     column: str = "filepath"  # for source=csv
     limit: Optional[int] = None  # keep only the first N images (after sorting)
     cache: bool = False  # decode + test-transform every image once into a uint8 cache (small pools)
+
+
+def for_task(cfg: ReferenceImages, dataset: str) -> ReferenceImages:
+    """``source: task`` made concrete: the training split of the current task's ``dataset``."""
+    return replace(cfg, source="dataset", path=dataset, split="train") if cfg.source == "task" else cfg
 
 
 def resolve(path: str, data_root: str | Path) -> Path:
@@ -108,7 +117,7 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     and is read every step of every task (the synthetic benchmark's pool, ImageNet subsets).
     """
     dataset = _reference_files(cfg, data_root, transform)
-    if not cfg.cache:
+    if not cfg.cache or cfg.source == "memory":  # a memory changes every task: nothing to cache
         return dataset
     from zscl.evaluation.cache import cache_key, default_cache_dir, materialize
 
@@ -127,6 +136,12 @@ def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Cal
         dataset = ImageFiles(list_images(resolve(cfg.path, data_root)), transform)
     elif cfg.source == "csv":
         dataset = ImageFiles(csv_images(resolve(cfg.path, data_root), cfg.column), transform)
+    elif cfg.source == "memory":
+        from zscl.reference.memory import memory_dataset, read_memory
+
+        dataset = memory_dataset(read_memory(resolve(cfg.path, data_root)), data_root, transform)
+    elif cfg.source == "task":
+        raise ValueError("source 'task' means the current task's train split; resolve it with for_task(cfg, dataset)")
     else:
         raise ValueError(f"source {cfg.source!r} is streamed; use reference_wds_stream")
     if cfg.limit is not None:

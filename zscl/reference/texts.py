@@ -6,8 +6,13 @@ The paper distils over all Conceptual Captions validation captions. Sources:
 * ``wds``: the ``txt`` field of every sample in webdataset shards (one pass, all shards);
 * ``classnames``: the training-template prompts of registered datasets' classes
   (the reference code's ``--text-datasets``);
-* ``random``: "virtual vocabulary" sentences of uniformly random token ids (the reference's
-  ``--ref-sentences random``): ``[SOT, t_1..t_L, EOT, 0, ...]``.
+* ``task``: the training-template prompts of the current task's classes (LwF, iCaRL); the
+  data module resolves it to ``classnames`` of the task's dataset;
+* ``random``: "virtual vocabulary" sentences of uniformly random token ids (LwF-VR; the
+  reference's ``virtual_vocab()``): ``n_random`` (1000) rows ``[SOT, t_1..t_L, EOT, 0, ...]``
+  with L = ``random_length`` (10) ids uniform over the whole vocabulary, special tokens
+  included. The data module seeds them with ``(seed, data seed)``, and the sequence runner
+  gives every task its own data seed, so they are drawn anew once per task, as the reference.
 
 The teacher's embeddings of these texts never change during a task, so the LightningModule
 encodes them once (the reference code re-encodes them every step, its main cost).
@@ -15,7 +20,7 @@ encodes them once (the reference code re-encodes them every step, its main cost)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -28,7 +33,7 @@ from zscl.reference.images import read_table, resolve
 class ReferenceTexts:
     """Where ZSCL's reference texts come from (default: the CC validation captions)."""
 
-    source: Literal["captions", "wds", "classnames", "random"] = "captions"
+    source: Literal["captions", "wds", "classnames", "task", "random"] = "captions"
     path: str = "Validation_GCC-1.1.0-Validation_output.csv"  # captions file or shard pattern
     column: str = "title"  # for source=captions
     datasets: list[str] = field(default_factory=list)  # for source=classnames
@@ -74,6 +79,17 @@ def random_tokens(n: int, length: int, tokenizer, seed: int) -> torch.Tensor:
     return out
 
 
+def for_task(cfg: ReferenceTexts, dataset: str, data_seed: int) -> ReferenceTexts:
+    """``source: task`` made concrete (the task's class prompts); random sentences seeded per task."""
+    if cfg.source == "task":
+        return replace(cfg, source="classnames", datasets=[dataset])
+    if cfg.source == "random":
+        from zscl.datasets.streams import mix_seed
+
+        return replace(cfg, seed=mix_seed(cfg.seed, data_seed))
+    return cfg
+
+
 def reference_texts(cfg: ReferenceTexts, data_root: str | Path) -> list[str]:
     """The reference sentences for every source but ``random`` (which has no strings)."""
     if cfg.source == "captions":
@@ -82,6 +98,8 @@ def reference_texts(cfg: ReferenceTexts, data_root: str | Path) -> list[str]:
         texts = wds_texts(cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root)))
     elif cfg.source == "classnames":
         texts = classname_texts(cfg.datasets)
+    elif cfg.source == "task":
+        raise ValueError("source 'task' means the current task's class prompts; resolve it with for_task(cfg, dataset, seed)")
     else:
         raise ValueError(f"source {cfg.source!r} has no strings; use reference_text_tokens")
     if not texts:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from zscl.reference.memory import ExemplarMemory
 from zscl.runner.configs import task_dataset, task_overlay
 from zscl.runner.progress import AtomicCheckpointIO, progress_bar
 from zscl.utils.io import write_json_atomic
@@ -46,6 +47,7 @@ class RunOptions:
     checkpoint_every: int = 100  # Lightning checkpoint interval (steps) for mid-task resume
     keep_checkpoints: bool = False  # keep each task's Lightning checkpoint after its row is saved
     progress: str = "rich"  # rich | tqdm | none
+    label: Optional[str] = None  # the run's name in reports (default: the method config's name)
 
 
 @dataclass
@@ -59,11 +61,16 @@ class Continual:
       the one evaluated and exported. MagMax (Marczak et al. 2024) is ``sequential`` + ``magmax``;
       task arithmetic / TIES over independent fine-tunes is ``independent`` + ``task_arithmetic``/``ties``.
     * ``hparams``: the rule's hyperparameters (e.g. ``{scale: 0.5}``).
+    * ``memory``: an iCaRL exemplar memory (:class:`~zscl.reference.memory.ExemplarMemory`),
+      updated after every task with the just-trained model and replayed as the next tasks'
+      reference images (``data.reference_images.source: memory``). The first task has no
+      exemplars yet, so it trains without distillation.
     """
 
     init: Literal["sequential", "independent"] = "sequential"
     merge: Optional[str] = None
     hparams: dict[str, Any] = field(default_factory=dict)
+    memory: Optional[ExemplarMemory] = None
 
 
 def is_rank_zero() -> bool:
@@ -110,7 +117,10 @@ class SequenceRunner:
         if cfg.data.custom_datasets:  # user datasets must exist before task names are checked
             load_custom_datasets(cfg.data.custom_datasets, data_root=cfg.data.data_root)
         self.opts = RunOptions(**{k: cfg[k] for k in vars(RunOptions())})
-        self.continual = Continual(**vars(cfg.continual))
+        continual = dict(vars(cfg.continual))
+        if continual.get("memory") is not None:
+            continual["memory"] = ExemplarMemory(**vars(continual["memory"]))
+        self.continual = Continual(**continual)
         self.out = Path(self.opts.out)
         self.tasks = list(cfg.benchmark.tasks)
         if not self.tasks:
@@ -134,6 +144,10 @@ class SequenceRunner:
         distill = self.cfg.model.distill
         if distill is not None and Distillation(**vars(distill)).active:
             self._datamodule_only().check_reference()
+        ref = self.cfg.data.reference_images
+        if ref is not None and ref.source == "memory" and self.continual.memory is None:
+            raise ValueError("data.reference_images.source 'memory' needs an exemplar memory: set continual.memory "
+                             "(see configs/method/icarl.yaml)")
 
     def _datamodule_only(self):
         from zscl.methods.datamodule import ContinualDataModule
@@ -157,8 +171,16 @@ class SequenceRunner:
             if old.get("tasks") != self.task_names or old.get("datasets") != self.eval_names:
                 raise ValueError(f"{path} belongs to another sequence ({old.get('tasks')}); use a new --out")
             return old
-        return {"benchmark": self.cfg.benchmark.name, "tasks": self.task_names, "datasets": self.eval_names,
-                "accuracy": [], "top5": [], "zero_shot": None, "zero_shot_top5": None, "timing": []}
+        return {"benchmark": self.cfg.benchmark.name, "method": self.method_label(), "tasks": self.task_names,
+                "datasets": self.eval_names, "accuracy": [], "top5": [], "zero_shot": None, "zero_shot_top5": None,
+                "timing": []}
+
+    def method_label(self) -> str:
+        """``--label``, else the name of the last ``configs/method/<name>.yaml`` given, else the out folder's name."""
+        if self.opts.label:
+            return self.opts.label
+        methods = [Path(str(c)).stem for c in (self.cfg.get("config") or []) if Path(str(c)).parent.name == "method"]
+        return methods[-1] if methods else self.out.name
 
     def _save(self) -> None:
         if is_rank_zero():
@@ -187,6 +209,11 @@ class SequenceRunner:
         if eval_only:
             cfg["model.distill"] = None  # no teacher needed to evaluate
             cfg["model.averaging"] = None
+        elif self.cfg.data.reference_images is not None and self.cfg.data.reference_images.source == "memory":
+            if k == 0:
+                cfg["model.distill"] = None  # no exemplars before the first task: plain fine-tuning
+            else:
+                cfg["data.reference_images.path"] = str(self._memory_path(k - 1))
         return cfg
 
     def _instantiate(self, cfg):
@@ -257,6 +284,8 @@ class SequenceRunner:
             self._fit(k, title, trained)
         if not export.exists():
             self._merge_up_to(k)
+        if self.continual.memory is not None and not self._memory_path(k).exists():
+            self._update_memory(k)
         t1 = time.time()
         say(f"{title}: evaluating {export}")
         model, dm, kw = self._instantiate(self._task_cfg(k, str(export), eval_only=True))
@@ -278,6 +307,28 @@ class SequenceRunner:
         say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
         trainer.fit(model, datamodule=dm, ckpt_path=resume)
         model.export_weights(str(target))
+        barrier()
+
+    def _memory_path(self, k: int) -> Path:
+        """iCaRL's exemplar memory after task k (:mod:`zscl.reference.memory`)."""
+        return self.out / "memory" / f"{self._slug(k)}.json"
+
+    def _update_memory(self, k: int) -> None:
+        """Herd task k's exemplars with its exported (just-trained) weights; rank 0 writes the file."""
+        from zscl.datasets import build_dataset
+        from zscl.reference.memory import candidate_features, read_memory, update_memory, write_memory
+
+        if is_rank_zero():
+            cfg, name = self.continual.memory, self.task_names[k]
+            model, dm, _ = self._instantiate(self._task_cfg(k, str(self._export_path(k)), eval_only=True))
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            clip = model.clip.to(device).eval()
+            dataset = build_dataset(name, dm.data_root, "train", model.bundle.test_transform)
+            say(f"  exemplar memory: herding {name} with its trained weights ({min(cfg.candidates, len(dataset))} candidates)")
+            indices, labels, feats = candidate_features(lambda x: clip.encode_image(x.to(device)), dataset, cfg.candidates,
+                                                        batch_size=dm.eval_batch_size)
+            memory = read_memory(self._memory_path(k - 1)) if k > 0 else {}
+            write_memory(self._memory_path(k), update_memory(memory, cfg, name, indices, labels, feats))
         barrier()
 
     def _initial_weights(self) -> Path:
