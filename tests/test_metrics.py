@@ -11,8 +11,17 @@ import pytest
 from zscl.cli.metrics import main as metrics_main
 from zscl.evaluation.metrics import AccuracyMatrix, MatrixError, format_table, summarize
 
-PAPER = Path(__file__).parent / "data" / "mtil_order1.json"
-PAPER_RUNS = json.loads(PAPER.read_text())["results"]
+from zscl.resources import data_dir
+
+# The paper's matrices ship as package data (zscl compare prints them beside a user's runs); the
+# numbers checked here are the paper's *printed* Transfer/Avg/Last, which the code did not compute.
+PAPER = data_dir() / "published" / "mtil_order1.json"
+PAPER_RUNS = [
+    run
+    for order in ("mtil_order1", "mtil_order2")
+    for run in json.loads((data_dir() / "published" / f"{order}.json").read_text())["results"]
+    if run["accuracy"] is not None  # MoE-Adapters: published summary only
+]
 
 # 3 tasks, hand-computed below. Row i = after task i.
 A3 = [[80.0, 30.0, 20.0], [95.0, 90.0, 40.0], [70.0, 50.0, 85.0]]
@@ -28,14 +37,14 @@ def _write(tmp_path: Path, obj, name: str = "m.json") -> Path:
 # -- the paper's published numbers ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", PAPER_RUNS, ids=[r["method"] for r in PAPER_RUNS])
+@pytest.mark.parametrize("run", PAPER_RUNS, ids=[f"{r['method']}-{r['datasets'][0]}" for r in PAPER_RUNS])
 def test_published_mtil_numbers_reproduce(run):
     s = summarize(AccuracyMatrix.from_dict(run))
     for key in ("transfer", "avg", "last"):
         assert round(s[key], 1) == run["published"][key], key
 
 
-@pytest.mark.parametrize("run", PAPER_RUNS, ids=[r["method"] for r in PAPER_RUNS])
+@pytest.mark.parametrize("run", PAPER_RUNS, ids=[f"{r['method']}-{r['datasets'][0]}" for r in PAPER_RUNS])
 def test_published_numbers_through_cli_json(run, tmp_path, capsys):
     path = _write(tmp_path, {"datasets": run["datasets"], "accuracy": run["accuracy"], "config": {"x": 1}})
     assert metrics_main([str(path), "--json"]) == 0

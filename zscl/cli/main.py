@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "sequence": Subcommand("zscl.cli.sequence:main", "run a whole continual benchmark; resumable; writes results.json"),
     "eval": Subcommand("zscl.cli.eval:main", "zero-shot top-1/top-5 of a CLIP on registered datasets"),
     "metrics": Subcommand("zscl.cli.metrics:main", "Transfer / Avg / Last / BWT / forgetting of an accuracy matrix"),
+    "compare": Subcommand("zscl.cli.compare:main", "runs side by side (Transfer / Avg / Last), beside the paper's numbers"),
     "demo": Subcommand("zscl.cli.demo:main", "the synthetic benchmark end to end: finetune vs ZSCL (+ablations)"),
     "merge": Subcommand("zscl.cli.merge:main", "merge CLIP checkpoints (soups, TIES, DARE, Fisher, MagMax, ...)"),
     "fisher": Subcommand("zscl.cli.merge:fisher_main", "estimate a diagonal Fisher for Fisher merging"),

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = [
     "heatmap_figure",
     "plot_heatmap",
+    "heatmap_grid_figure",
+    "plot_heatmap_grid",
     "accuracy_over_tasks_figure",
     "plot_accuracy_over_tasks",
     "transfer_curve_figure",
@@ -95,30 +97,60 @@ def _outline_regions(ax: "Axes", n: int, offset: int) -> list:
     ]
 
 
-def heatmap_figure(m: AccuracyMatrix, title: str | None = None) -> "Figure":
-    """The matrix as a heatmap; a zero-shot row on top when known."""
+def _draw_heatmap(ax: "Axes", m: AccuracyMatrix, title: str, font: float, row_labels: bool = True):
+    """Draw ``m`` (zero-shot row on top when known) on ``ax``; returns (image, legend handles)."""
     n, names = m.n, m.datasets
     rows = ([list(m.zero_shot)] if m.zero_shot is not None else []) + m.accuracy
     offset = len(rows) - n
-    ylabels = ["zero-shot"] * offset + [f"after task {i + 1}: {name}" for i, name in enumerate(names)]
-    fig = _new_figure(max(6.0, 0.7 * n + 3.5), max(4.0, 0.45 * len(rows) + 2.6))
-    ax = fig.add_subplot()
     image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    fig.colorbar(image, ax=ax, label=ACCURACY_LABEL)
-    size = 8.5 if n <= 8 else 7.5
     for r, row in enumerate(rows):
         for j, value in enumerate(row):
             color = "white" if value < 60 else "black"  # viridis is dark below ~60
-            ax.text(j, r, f"{value:.1f}", ha="center", va="center", fontsize=size, color=color)
+            ax.text(j, r, f"{value:.1f}", ha="center", va="center", fontsize=font, color=color)
     if offset:
         ax.axhline(offset - 0.5, color="white", linewidth=3)
     handles = _outline_regions(ax, n, offset)
     ax.set_xticks(range(n), names, rotation=40, ha="right")
-    ax.set_yticks(range(len(rows)), ylabels)
+    ylabels = ["zero-shot"] * offset + [f"after task {i + 1}: {name}" for i, name in enumerate(names)]
+    ax.set_yticks(range(len(rows)), ylabels if row_labels else [""] * len(rows))
+    ax.set_title(title)
+    return image, handles
+
+
+def heatmap_figure(m: AccuracyMatrix, title: str | None = None) -> "Figure":
+    """The matrix as a heatmap; a zero-shot row on top when known."""
+    n = m.n
+    fig = _new_figure(max(6.0, 0.7 * n + 3.5), max(4.0, 0.45 * (n + 1) + 2.6))
+    ax = fig.add_subplot()
+    image, handles = _draw_heatmap(ax, m, title or "accuracy after each task", 8.5 if n <= 8 else 7.5)
+    fig.colorbar(image, ax=ax, label=ACCURACY_LABEL)
     ax.set_xlabel("evaluated on")
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    ax.set_title(title or "accuracy after each task")
     return fig
+
+
+def heatmap_grid_figure(matrices: Mapping[str, AccuracyMatrix], columns: int = 3) -> "Figure":
+    """Every method's accuracy matrix as one heatmap in a grid (row labels on the first column)."""
+    _same_tasks_any(matrices)
+    n, count = next(iter(matrices.values())).n, len(matrices)
+    cols = min(columns, count)
+    grid_rows = math.ceil(count / cols)
+    cell = max(3.2, 0.55 * n + 1.2)
+    fig = _new_figure(cell * cols + 3.0, (cell * 0.85 + 0.6) * grid_rows + 0.8)
+    axes = fig.subplots(grid_rows, cols, squeeze=False)
+    handles, image = [], None
+    for k, (method, m) in enumerate(matrices.items()):
+        ax = axes[k // cols][k % cols]
+        image, handles = _draw_heatmap(ax, m, method, 7.0 if n <= 6 else 5.5, row_labels=k % cols == 0)
+    for k in range(count, grid_rows * cols):
+        axes[k // cols][k % cols].set_axis_off()
+    fig.colorbar(image, ax=axes, label=ACCURACY_LABEL, shrink=0.8)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_heatmap_grid(matrices: Mapping[str, AccuracyMatrix], path: str | Path, columns: int = 3) -> Path:
+    return _save(heatmap_grid_figure(matrices, columns), path)
 
 
 def plot_heatmap(m: AccuracyMatrix, path: str | Path, title: str | None = None) -> Path:
@@ -153,14 +185,19 @@ def plot_accuracy_over_tasks(m: AccuracyMatrix, path: str | Path) -> Path:
 # -- transfer curve -------------------------------------------------------------------------
 
 
-def _same_tasks(results: Mapping[str, AccuracyMatrix]) -> list[str]:
+def _same_tasks_any(results: Mapping[str, AccuracyMatrix]) -> list[str]:
     if not results:
-        raise MatrixError("plot_transfer_curve needs at least one method's accuracy matrix")
+        raise MatrixError("a comparison plot needs at least one method's accuracy matrix")
     names = next(iter(results.values())).datasets
     for method, m in results.items():
         if m.datasets != names:
             raise MatrixError(f"{method!r} has tasks {m.datasets}, but the first method has {names}; "
-                              "a transfer curve compares runs over the same task sequence")
+                              "a comparison plot needs runs over the same task sequence")
+    return names
+
+
+def _same_tasks(results: Mapping[str, AccuracyMatrix]) -> list[str]:
+    names = _same_tasks_any(results)
     if len(names) < 2:
         raise MatrixError("a transfer curve needs at least 2 tasks (there is nothing untrained after the last one)")
     return names
@@ -216,8 +253,14 @@ def metric_bars_figure(
     table: Mapping[str, Mapping[str, float]],
     metrics: Sequence[str] = ("transfer", "avg", "last"),
     title: str | None = None,
+    reference: Mapping[str, float] | None = None,
+    reference_label: str = "zero-shot (initial model)",
 ) -> "Figure":
-    """Grouped bars: one group per metric, one bar per method, each bar labelled with its value."""
+    """Grouped bars: one group per metric, one bar per method, each bar labelled with its value.
+
+    ``reference`` (e.g. the zero-shot model's Transfer/Avg/Last) is drawn as a dashed line across
+    each metric's group.
+    """
     values = _metric_values(table, metrics)
     count = len(values)
     width = 0.8 / count
@@ -227,9 +270,14 @@ def metric_bars_figure(
         xs = [g + (k - (count - 1) / 2) * width for g in range(len(metrics))]
         bars = ax.bar(xs, ys, width, color=color, label=method)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    for g, key in enumerate(metrics):
+        if reference is not None and reference.get(key) is not None:
+            ax.hlines(reference[key], g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.4,
+                      label=reference_label if g == 0 else None)
     ax.set_xticks(range(len(metrics)), [METRIC_TITLES.get(key, key) for key in metrics])
     ax.set_ylabel("percent")
     top = max(max(ys) for ys in values.values())
+    top = max([top, *(v for v in (reference or {}).values() if isinstance(v, (int, float)))])
     low = min(0.0, min(min(ys) for ys in values.values()))
     ax.set_ylim(low * 1.3, max(top * 1.12, 1.0))  # room for the value labels
     ax.axhline(0, color="black", linewidth=0.8)
@@ -245,8 +293,9 @@ def plot_metric_bars(
     path: str | Path,
     metrics: Sequence[str] = ("transfer", "avg", "last"),
     title: str | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> Path:
-    return _save(metric_bars_figure(table, metrics, title), path)
+    return _save(metric_bars_figure(table, metrics, title, reference), path)
 
 
 # -- many models, few metrics: one horizontal-bar panel per metric ----------------------------
