@@ -50,14 +50,20 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _summary_table(plan: dict, names: list[str], summaries: dict[str, dict]) -> str:
-    first = summaries[names[0]]
-    rows = [["zero-shot (initial model)", f"{first['zero_shot_transfer']:.1f}", f"{first['zero_shot_avg']:.1f}",
-             f"{first['zero_shot_avg']:.1f}"]]
-    for n in names:
-        s = summaries[n]
-        rows.append([f"{plan['methods'][n]['label']} (`{n}`)", f"{s['transfer']:.1f}", f"{s['avg']:.1f}", f"{s['last']:.1f}"])
-    return _table(rows, ["method", "Transfer", "Avg", "Last"])
+def _runs(names: list[str], results: dict[str, dict]) -> list:
+    """The demo's methods as :class:`zscl.evaluation.compare.Run` (the code behind ``zscl compare``)."""
+    from zscl.evaluation.compare import Run
+
+    return [Run(n, str(results[n].get("benchmark", "synthetic")),
+                AccuracyMatrix(results[n]["datasets"], results[n]["accuracy"], results[n]["zero_shot"])) for n in names]
+
+
+def _summary_table(runs: list) -> str:
+    """Ours on the synthetic benchmark, with the paper's MTIL order I row of the same method beside it
+    (no delta: the benchmarks differ; the point is the pattern)."""
+    from zscl.evaluation.compare import load_published, summary_table
+
+    return summary_table(runs, load_published("mtil_order1"), delta=False, published_title="paper MTIL-I").render("md")
 
 
 def _per_dataset_table(m: AccuracyMatrix) -> str:
@@ -66,43 +72,37 @@ def _per_dataset_table(m: AccuracyMatrix) -> str:
     return _table(rows, ["row \\ dataset", *m.datasets])
 
 
-def _plots(names: list[str], matrices: dict[str, AccuracyMatrix], summaries: dict, plan: dict, out: Path) -> list[Path]:
-    from zscl.evaluation.plots import plot_heatmap, plot_metric_bars, plot_transfer_curve
-
-    labels = {n: plan["methods"][n]["label"] for n in names}
-    plots = [plot_heatmap(matrices[n], out / f"heatmap_{n}.png", title=f"{labels[n]}: accuracy after each task")
-             for n in names]
-    plots.append(plot_transfer_curve({labels[n]: matrices[n] for n in names}, out / "transfer_curve.png"))
-    plots.append(plot_metric_bars({labels[n]: summaries[n] for n in names}, out / "metrics.png",
-                                  title="synthetic benchmark: Transfer / Avg / Last"))
-    return plots
-
-
 def write_report(plan: dict, names: list[str], results: dict[str, dict], out: Path, elapsed: float,
                  quick: bool = False) -> dict[str, Any]:
     """report.md, plots/ and summary.json under ``out``; prints the summary; returns summary.json's content."""
-    matrices = {n: AccuracyMatrix(r["datasets"], r["accuracy"], r["zero_shot"]) for n, r in results.items()}
-    summaries = {n: summarize(m) for n, m in matrices.items()}
-    first = matrices[names[0]]
+    from zscl.evaluation.compare import write_plots
+
+    runs = _runs(names, results)
+    summaries = {r.label: r.summary for r in runs}
+    first = runs[0].matrix
     checks = acceptance(summaries, first.zero_shot, chance_levels(first.datasets))
-    plots = _plots(names, matrices, summaries, plan, out / "plots")
+    plots = write_plots(runs, out / "plots", "synthetic benchmark")
+    table = _summary_table(runs)
+    labels = ", ".join(f"`{n}` = {plan['methods'][n]['label']}" for n in names)
     lines = [f"# zscl demo: the synthetic continual benchmark{' (quick)' if quick else ''}", "",
              f"Tasks in order: {', '.join(first.datasets)}. Total time {elapsed:.0f} s.", "",
-             "## Methods", "", _summary_table(plan, names, summaries), "",
-             "Transfer: accuracy on tasks not trained yet; Avg: mean of the whole matrix; Last: after the last task.", "",
+             "## Methods", "", table, "", f"Methods: {labels}.", "",
+             "Transfer: accuracy on tasks not trained yet; Avg: mean of the whole matrix; Last: after the last task. "
+             "The paper's columns are its MTIL order I numbers for the same method (another benchmark: compare "
+             "the pattern, not the values).", "",
              "## Acceptance", "", _table([[c["check"], f"{c['value']}", f"{c['threshold']}", "PASS" if c["passed"] else "FAIL"]
                                           for c in checks], ["check", "value", "threshold", "result"]), ""]
-    for n in names:
-        lines += [f"## {plan['methods'][n]['label']} (`{n}`)", "", _per_dataset_table(matrices[n]), "",
-                  f"![heatmap](plots/heatmap_{n}.png)", ""]
-    lines += ["## Plots", "", "![transfer curve](plots/transfer_curve.png)", "", "![metrics](plots/metrics.png)", ""]
+    for n, run in zip(names, runs):
+        lines += [f"## {plan['methods'][n]['label']} (`{n}`)", "", _per_dataset_table(run.matrix), ""]
+    lines += ["## Plots", "", "![metrics](plots/metrics.png)", "", "![transfer curves](plots/transfer_curves.png)", "",
+              "![accuracy matrices](plots/heatmaps.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     summary = {"methods": {n: {k: summaries[n][k] for k in ("transfer", "avg", "last")} for n in names},
                "zero_shot": {"transfer": summaries[names[0]]["zero_shot_transfer"], "avg": summaries[names[0]]["zero_shot_avg"]},
                "acceptance": checks, "elapsed_s": round(elapsed, 1), "quick": quick,
                "plots": [str(p) for p in plots]}
     write_json_atomic(out / "summary.json", summary)
-    print("\n" + _summary_table(plan, names, summaries) + "\n")
+    print("\n" + table + "\n")
     for c in checks:
         print(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']}")
     print(f"\nwrote {out / 'report.md'}, {out / 'summary.json'} and {len(plots)} plots in {out / 'plots'} ({elapsed:.0f} s)")
