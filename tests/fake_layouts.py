@@ -275,6 +275,23 @@ def _imagenet(root: Path, classes: list[int], per_class: int, size: int) -> dict
     return labels
 
 
+def _tinyimagenet(root: Path, classes: list[int], per_class: int, size: int) -> dict[str, list[int]]:
+    from zscl.datasets.tinyimagenet import wnids
+
+    ids, base = wnids(), root / "tiny-imagenet-200"
+    by_wnid = sorted(classes, key=lambda c: ids[c])  # the builder visits train folders sorted by WordNet id
+    for c in by_wnid:
+        for k in range(per_class):
+            _save(base / "train" / ids[c] / "images" / f"{ids[c]}_{k}.JPEG", fake_image(c, k, size))
+    val = _per_split(classes, per_class)  # val_0, val_1, ...: classes interleaved
+    rows = [f"val_{n}.JPEG\t{ids[c]}\t0\t0\t{size}\t{size}" for n, c in enumerate(val)]
+    for n, c in enumerate(val):
+        _save(base / "val" / "images" / f"val_{n}.JPEG", fake_image(c, 100 + n, size))
+    (base / "val" / "val_annotations.txt").write_text("\n".join(reversed(rows)) + "\n")  # any row order
+    order = sorted(range(len(val)), key=lambda n: f"val_{n}.JPEG")  # the builder sorts by file name
+    return {"train": [c for c in by_wnid for _ in range(per_class)], "test": [val[n] for n in order]}
+
+
 Writer = Callable[[Path, list, int, int], "dict[str, list[int]] | list[int]"]
 WRITERS: dict[str, Writer] = {
     "Aircraft": _aircraft,
@@ -290,6 +307,7 @@ WRITERS: dict[str, Writer] = {
     "OxfordPet": _oxford_pet,
     "StanfordCars": _stanford_cars,
     "SUN397": _sun397,
+    "TinyImageNet": _tinyimagenet,
 }
 FAKE_DATASETS = tuple(WRITERS)
 

@@ -79,10 +79,10 @@ def test_missing_dataset_names_its_layout_and_touches_nothing(name: str, tmp_pat
 
 def test_builtins_are_the_thirteen_datasets_and_mtil_orders_use_them() -> None:
     builtin = {"Aircraft", "Caltech101", "CIFAR10", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "ImageNet",
-               "MNIST", "OxfordPet", "StanfordCars", "SUN397"}  # fmt: skip
+               "MNIST", "OxfordPet", "StanfordCars", "SUN397", "TinyImageNet"}  # fmt: skip
     assert builtin <= set(DATASETS.names())
     assert set(FAKE_DATASETS) == builtin  # a new built-in needs a fake layout (tests/fake_layouts.py)
-    assert sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(builtin - {"CIFAR10", "ImageNet"})
+    assert sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(builtin - {"CIFAR10", "ImageNet", "TinyImageNet"})
 
 
 # --- data files ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The dataset registry: name -> :class:`DatasetSpec` (class names, prompt templates, builder).
 
-Built-in entries (the MTIL datasets, CIFAR10, ImageNet, and the synthetic tasks) are registered
+Built-in entries (the MTIL datasets, CIFAR10, ImageNet, TinyImageNet, and the synthetic tasks) are registered
 on first lookup; user datasets come from config through :func:`zscl.datasets.register_custom`.
 """
 
@@ -35,7 +35,7 @@ Builder = Callable[[Path, str, Optional[Callable]], Dataset]
 
 # Modules holding built-in datasets. Each is imported on first registry use; if it defines
 # ``register_datasets()``, that is called (registration reads data files, so it is not done at import).
-BUILTIN_MODULES = ("zscl.datasets.mtil", "zscl.synthetic.tasks")
+BUILTIN_MODULES = ("zscl.datasets.mtil", "zscl.datasets.tinyimagenet", "zscl.synthetic.tasks")
 
 
 @dataclass(frozen=True)

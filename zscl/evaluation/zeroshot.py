@@ -156,8 +156,14 @@ def dataset_batches(
     from zscl.datasets.streams import ShardedEval, stream_loader
     from zscl.evaluation.cache import cached_dataset
 
+    from zscl.datasets.views import view_of
+
     mean = std = None
-    if cache:
+    view = view_of(name)
+    if cache and view is not None:  # a class/image view slices its base dataset's cache
+        base, mean, std = cached_dataset(view.base, split, data_root, test_transform, cache_dir, num_workers, progress)
+        dataset = view.restrict(base, split)
+    elif cache:
         dataset, mean, std = cached_dataset(name, split, data_root, test_transform, cache_dir, num_workers, progress)
     else:
         dataset = build_dataset(name, data_root, split, test_transform)

@@ -1,0 +1,136 @@
+"""Dataset views: a registered dataset restricted to some classes and/or some training images.
+
+A view is itself a registered dataset (``<base>@<tag>``), so the runner, the DataModule, the
+reference sources and evaluation use it like any other: no class-incremental or few-shot
+branches anywhere else.
+
+* ``classes``: the base labels kept, in the view's label order. View label ``j`` is base label
+  ``classes[j]`` (the remapping is this list, nothing else); its class name is the base's name of
+  ``classes[j]``. Class-incremental steps are views with the step's classes (cross-entropy over
+  those prompts only) and the seen-so-far classes (evaluation).
+* ``train_indices``: positions in the base *train* split kept (few-shot subsets); the test split
+  is never subsampled.
+* ``templates``: prompt templates replacing the base's (e.g. ZSCL's CIL prompt
+  ``"a bad photo of a {c}."``, used for training and evaluation alike).
+
+The tag hashes the view's content, so two different views never share a name (nor an
+evaluation cache entry); evaluation of a view slices the *base* dataset's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from torch.utils.data import Dataset
+
+from zscl.datasets.common import dataset_labels
+from zscl.datasets.registry import DATASETS, DatasetSpec, get_dataset, register_dataset
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """What a view keeps of ``base``; see the module docstring."""
+
+    base: str
+    classes: Optional[tuple[int, ...]] = None
+    train_indices: Optional[tuple[int, ...]] = None
+    templates: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"view of {self.base}: repeated classes in {list(self.classes)}")
+        if self.train_indices is not None:
+            object.__setattr__(self, "train_indices", tuple(int(i) for i in self.train_indices))
+        if self.templates is not None:
+            object.__setattr__(self, "templates", tuple(self.templates))
+
+    @property
+    def name(self) -> str:
+        content = json.dumps([self.base, self.classes, self.train_indices, self.templates])
+        digest = hashlib.sha1(content.encode()).hexdigest()[:10]
+        kind = f"c{len(self.classes)}" if self.classes is not None else "all"
+        shots = f"-n{len(self.train_indices)}" if self.train_indices is not None else ""
+        return f"{self.base}@{kind}{shots}-{digest}"
+
+    def restrict(self, dataset: Dataset, split: str) -> Dataset:
+        """``dataset`` (the base's ``split``) cut to this view, labels remapped to the view's."""
+        labels = dataset_labels(dataset)
+        positions: Sequence[int] = range(len(labels))
+        if split == "train" and self.train_indices is not None:
+            bad = [i for i in self.train_indices if not 0 <= i < len(labels)]
+            if bad:
+                raise ValueError(f"view of {self.base}: train indices {bad[:5]} outside 0..{len(labels) - 1}")
+            positions = self.train_indices
+        if self.classes is None:
+            return RemappedSubset(dataset, list(positions), [labels[i] for i in positions])
+        new_label = {c: j for j, c in enumerate(self.classes)}
+        keep = [i for i in positions if labels[i] in new_label]
+        return RemappedSubset(dataset, keep, [new_label[labels[i]] for i in keep])
+
+
+class RemappedSubset(Dataset):
+    """Items ``(dataset[indices[i]][0], labels[i])``; ``labels`` are known without decoding."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], labels: list[int]) -> None:
+        self.dataset, self.indices, self.labels = dataset, indices, labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.dataset[self.indices[i]][0], self.labels[i]
+
+
+@dataclass(frozen=True)
+class ViewSpec(DatasetSpec):
+    """The registry entry of a view (a :class:`DatasetSpec` that remembers its view)."""
+
+    view: Optional[DatasetView] = None
+
+
+def _builder(view: DatasetView) -> Callable[[Path, str, Optional[Callable]], Dataset]:
+    def build(root: Path, split: str, transform: Optional[Callable]) -> Dataset:
+        from zscl.datasets.registry import build_dataset
+
+        return view.restrict(build_dataset(view.base, root, split, transform), split)
+
+    return build
+
+
+def register_view(view: DatasetView) -> str:
+    """Register ``view`` (idempotent) and return its dataset name."""
+    name = view.name
+    if name not in DATASETS:
+        base = get_dataset(view.base)
+        names = base.classnames if view.classes is None else tuple(base.classnames[c] for c in view.classes)
+        register_dataset(ViewSpec(name, names, view.templates or base.templates, _builder(view), base.layout, view))
+    return name
+
+
+def view_of(name: str) -> Optional[DatasetView]:
+    """The view behind dataset ``name``, or None for an ordinary dataset."""
+    return getattr(get_dataset(name), "view", None)
+
+
+def load_class_order(order: "str | Sequence[int]", num_classes: int) -> list[int]:
+    """A class order: a list, or the name of ``data/class_orders/<name>.json``; checked to be a
+    permutation of ``0..num_classes-1``."""
+    from zscl.resources import data_dir
+
+    if isinstance(order, str):
+        path = data_dir() / "class_orders" / f"{order}.json"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in path.parent.glob("*.json"))
+            raise FileNotFoundError(f"no class order {order!r}; shipped: {', '.join(shipped)}")
+        order = json.loads(path.read_text(encoding="utf-8"))
+    values = [int(c) for c in order]
+    if sorted(values) != list(range(num_classes)):
+        raise ValueError(f"a class order must be a permutation of 0..{num_classes - 1}; got {len(values)} entries "
+                         f"({len(set(values))} distinct)")
+    return values
