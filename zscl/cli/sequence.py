@@ -45,18 +45,18 @@ def build_parser():
 
 def main(argv: list[str]) -> int:
     from zscl.cli.errors import report_errors
-    from zscl.runner.configs import resolve_config_args
+    from zscl.runner.configs import resolve_config_args, with_method_overrides
 
     from zscl.cli.quiet import quiet_lightning
 
     quiet_lightning()
     with report_errors("zscl sequence") as status:
-        argv = resolve_config_args(argv)
+        argv = with_method_overrides(resolve_config_args(argv))
         parser = build_parser()
         cfg = parser.parse_args(argv)
-        from zscl.runner.sequence import SequenceRunner
+        from zscl.runner.cil import make_runner
 
-        SequenceRunner(parser, cfg).run()
+        make_runner(parser, cfg).run()
     return status.code
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
+from zscl.evaluation.incremental import CilRun, check_cil_comparable, cil_published_rows, cil_run, cil_summary_rows, setting_of
 from zscl.evaluation.metrics import AccuracyMatrix, MatrixError, summarize
 
 Format = Literal["md", "csv", "latex"]
@@ -53,6 +54,12 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Run:
         res = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CompareError(f"{file}: cannot be read as JSON ({err})") from None
+    name = label or res.get("method") or (p.name if p.is_dir() else p.parent.name)
+    if setting_of(res) == "cil":  # class-incremental: a per-step curve, not a matrix
+        try:
+            return cil_run(res, file, str(name))
+        except (ValueError, MatrixError) as err:
+            raise CompareError(str(err) if str(file) in str(err) else f"{file}: {err}") from None
     for key in ("datasets", "accuracy"):
         if key not in res:
             raise CompareError(f"{file}: no {key!r}; is it a `zscl sequence` results.json?")
@@ -63,7 +70,6 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Run:
         matrix = AccuracyMatrix(res["datasets"], res["accuracy"], res.get("zero_shot"))
     except MatrixError as err:
         raise CompareError(f"{file}: {err}") from None
-    name = label or res.get("method") or (p.name if p.is_dir() else p.parent.name)
     return Run(str(name), str(res.get("benchmark", "custom")), matrix, path=file)
 
 
@@ -252,6 +258,10 @@ def write_plots(runs: Sequence[Run], out: Path, title: str = "") -> list[Path]:
     """metrics.png (bars + zero-shot line), transfer_curves.png, heatmaps.png under ``out``."""
     from zscl.evaluation.plots import plot_heatmap_grid, plot_metric_bars, plot_transfer_curve
 
+    if runs and isinstance(runs[0], CilRun):
+        from zscl.evaluation.incremental import write_cil_plots
+
+        return write_cil_plots(runs, out, title)
     out.mkdir(parents=True, exist_ok=True)
     first = runs[0].summary
     zero = {"transfer": first.get("zero_shot_transfer"), "avg": first.get("zero_shot_avg"), "last": first.get("zero_shot_avg")}
@@ -271,13 +281,39 @@ def compare(paths: Sequence[str], labels: Optional[Sequence[str]] = None, publis
     if len(labels) > len(paths):
         raise CompareError(f"{len(labels)} labels for {len(paths)} runs")
     runs = [load_run(p, labels[i] if i < len(labels) else None) for i, p in enumerate(paths)]
-    if runs:
-        check_comparable(runs)
+    settings = {"cil" if isinstance(r, CilRun) else "mtil" for r in runs}
+    if len(settings) > 1:
+        raise CompareError("cannot compare MTIL runs with class-incremental (CIL) runs: their metrics differ "
+                           "(Transfer/Avg/Last of a task matrix vs Avg/Last over class steps); compare each kind apart")
     name = published or (runs[0].benchmark if runs and runs[0].benchmark in published_names() else None)
     table = load_published(name) if name else None
+    if table is not None and runs and setting_of(table) not in settings:
+        raise CompareError(f"the published table {name!r} is a {setting_of(table).upper()} table but the runs are "
+                           f"{settings.pop().upper()} runs; choose the matching --published table")
+    if settings == {"cil"} or (not runs and table is not None and setting_of(table) == "cil"):
+        return runs, table, _cil_tables(runs, table)
+    if runs:
+        check_comparable(runs)
     if table is not None and runs:
         expected = table.get("datasets")
         if expected and expected != runs[0].matrix.datasets:
             raise CompareError(f"the published table {name!r} is over {expected}, but the runs are over "
                                f"{runs[0].matrix.datasets}; choose the matching --published table")
     return runs, table, comparison_tables(runs, table, per_dataset)
+
+
+def _cil_tables(runs: Sequence[CilRun], table: Optional[dict[str, Any]]) -> list[Table]:
+    """Class-incremental runs: methods x Avg / Last (and the paper beside them); or the paper's table."""
+    if runs:
+        try:
+            check_cil_comparable(runs)
+        except ValueError as err:
+            raise CompareError(str(err)) from None
+        labels = [r.label for r in runs]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise CompareError(f"several runs are labelled {', '.join(map(repr, dupes))}; give each a distinct --label")
+        header, rows = cil_summary_rows(runs, table)
+        return [Table(header, rows, "class-incremental Avg / Last (%)")]
+    header, rows = cil_published_rows(table)
+    return [Table(header, rows, f"published: {table.get('benchmark', '')}")]

@@ -110,6 +110,7 @@ class ContinualCLIP(L.LightningModule):
         # Task-start weights: WC's anchor and the averaging callbacks' first member.
         self.anchors = [p.detach().clone() for _, p in self.trainable]
         self.eval_results: dict[str, Accuracy] = {}
+        self.eval_per_class: dict[str, list[list[int]]] = {}
         self.ref_text_emb: Optional[torch.Tensor] = None
         self.ref_text_tokens: Optional[torch.Tensor] = None
         self.class_tokens: Optional[torch.Tensor] = None
@@ -325,6 +326,8 @@ class ContinualCLIP(L.LightningModule):
                                               get_dataset(n).templates, device=self.device, amp_dtype=amp)
                              for n in names]
         self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
+        # Per class: [top-1 correct, images] (class-incremental results report per-class accuracy).
+        self._class_counts = [torch.zeros(w.shape[1], 2, dtype=torch.long, device=self.device) for w in self._classifiers]
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
@@ -333,11 +336,17 @@ class ContinualCLIP(L.LightningModule):
         hits = topk_correct(logits, labels)
         self._counts[dataloader_idx, :2] += hits
         self._counts[dataloader_idx, 2] += len(labels)
+        per_class = self._class_counts[dataloader_idx]
+        per_class[:, 0].index_add_(0, labels, (logits.argmax(dim=1) == labels).long())
+        per_class[:, 1].index_add_(0, labels, torch.ones_like(labels))
 
     def on_validation_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 else self._counts
         counts = counts.tolist()
         self.eval_results = {n: Accuracy(*c) for n, c in zip(self._eval_names, counts)}
+        per_class = [self.trainer.strategy.reduce(c, reduce_op="sum") if self.trainer.world_size > 1 else c
+                     for c in self._class_counts]
+        self.eval_per_class = {n: c.tolist() for n, c in zip(self._eval_names, per_class)}  # [[correct, n], ...]
         for name, acc in self.eval_results.items():
             self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, add_dataloader_idx=False)
 

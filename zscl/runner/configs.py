@@ -49,6 +49,41 @@ def resolve_config_path(value: str) -> str:
     raise FileNotFoundError(f"config {value!r} not found (neither a file nor one of {configs_dir()}/<kind>/<name>.yaml)")
 
 
+def _config_values(argv: list[str]) -> list[tuple[int, str]]:
+    """``(position of the value, value)`` of every ``--config``/``-c`` in an already resolved argv."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            out.append((i + 1, argv[i + 1]))
+        elif arg.startswith("--config="):
+            out.append((i, arg.split("=", 1)[1]))
+    return out
+
+
+def with_method_overrides(argv: list[str]) -> list[str]:
+    """Insert the benchmark's ``method_overrides`` for the run's method right after its method config.
+
+    Why here (and not in the runner): as a config of its own, placed after the method's config,
+    the overlay beats the method's defaults (ZSCL's KD weight 1 becomes 5 in CIL) while any later
+    ``--config`` or command-line key still beats the overlay, as users expect. The method is the
+    last ``method/<name>.yaml`` config given, matched by ``<name>``.
+    """
+    configs = _config_values(argv)
+    overrides: dict[str, Any] = {}
+    for _, value in configs:
+        path = Path(value)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+            bench = data.get("benchmark") if isinstance(data, dict) else None
+            overrides.update((bench or {}).get("method_overrides") or {})
+    methods = [(pos, Path(v).stem) for pos, v in configs if Path(v).parent.name == "method"]
+    if not methods or methods[-1][1] not in overrides:
+        return list(argv)
+    pos = methods[-1][0] + 1
+    return argv[:pos] + ["--config", yaml.safe_dump(overrides[methods[-1][1]], sort_keys=False)] + argv[pos:]
+
+
 def resolve_config_args(argv: list[str]) -> list[str]:
     """Rewrite every ``--config X`` / ``--config=X`` / ``-c X`` so that X is an existing file."""
     out, i = [], 0
@@ -66,16 +101,54 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 @dataclass
+class ClassSteps:
+    """A class-incremental split of one dataset (iCaRL's protocol, as ZSCL's ``cil/`` code runs it).
+
+    Step 0 holds the first ``initial`` classes of ``order``, every later step the next
+    ``increment``. ``order`` is a list of labels or the name of ``data/class_orders/<name>.json``.
+    ``template`` replaces the dataset's prompts in training and evaluation. A step trains for
+    ``epochs`` passes over its classes' training images: ``ceil(epochs * n / (batch_size * devices))``
+    iterations (reference: one epoch, batch 64, one GPU).
+    """
+
+    dataset: str = "CIFAR100"
+    order: Union[str, list[int]] = "CIFAR100"
+    initial: int = 10
+    increment: int = 10
+    template: Optional[str] = None
+    epochs: float = 1.0
+
+
+@dataclass
+class FewShot:
+    """Train every task on ``shots`` images per class (all of a class's images if it has fewer),
+    drawn with ``seed``; the same images for every method, machine and rank."""
+
+    shots: int = 5
+    seed: int = 42
+
+
+@dataclass
 class Benchmark:
     """A continual sequence: tasks in order, and the datasets evaluated after each task.
 
     ``tasks`` entries are task-config names (``configs/task/<name>.yaml``) or inline overlays
     such as ``{dataset: SynthShape, lr: 1.0e-4, steps: 200}``.
+
+    * ``classes``: a class-incremental benchmark instead (tasks are generated, one per step);
+    * ``few_shot``: train every task on a per-class subset of its training images;
+    * ``method_overrides``: per method config name, settings the benchmark imposes on that method
+      (e.g. ZSCL's KD weights and WE period in class-incremental learning); they apply right after
+      the method's own config, before any later config or command-line key
+      (:func:`with_method_overrides`).
     """
 
     name: str = "custom"
     tasks: list[Union[str, dict[str, Any]]] = field(default_factory=list)
     eval_datasets: Optional[list[str]] = None
+    classes: Optional[ClassSteps] = None
+    few_shot: Optional[FewShot] = None
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def task_overlay(task: Union[str, dict[str, Any]]) -> dict[str, Any]:

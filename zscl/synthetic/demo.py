@@ -68,12 +68,13 @@ def _deep_merge(a: dict, b: dict) -> dict:
 def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> dict:
     """One method's sequence through the real runner (resumes if its folder already has rows)."""
     from zscl.cli.sequence import build_parser
-    from zscl.runner.sequence import SequenceRunner
+    from zscl.runner.cil import make_runner
+    from zscl.runner.configs import with_method_overrides
 
     out = Path(opts.out) / name
     parser = build_parser()
-    cfg = parser.parse_args(_method_argv(plan, name, opts, world_root, out))
-    return SequenceRunner(parser, cfg).run()
+    cfg = parser.parse_args(with_method_overrides(_method_argv(plan, name, opts, world_root, out)))
+    return make_runner(parser, cfg).run()
 
 
 def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
