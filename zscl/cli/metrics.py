@@ -2,7 +2,8 @@
 
 FILE is a JSON object with ``datasets`` (n names) and ``accuracy`` (n×n, row i = after task i),
 optionally ``zero_shot`` (a list of n, or {name: accuracy}); a sequence run's results.json
-qualifies. ``--method NAME`` picks one run of a ``{"results": [{"method", "datasets",
+qualifies. A class-incremental run's results.json (``"setting": "cil"``) gives Avg and Last over
+its steps instead. ``--method NAME`` picks one run of a ``{"results": [{"method", "datasets",
 "accuracy"}, ...]}`` file such as the paper's published MTIL matrices.
 Exit codes: 0 success, 2 unreadable or malformed input, 1 plots could not be written.
 """
@@ -61,8 +62,34 @@ def _plot(m: AccuracyMatrix, folder: Path, title: str) -> list[Path]:
     ]
 
 
+def _cil(file: str, as_json: bool) -> int | None:
+    """Class-incremental results (``"setting": "cil"``): Avg and Last over the steps; None otherwise."""
+    from zscl.evaluation.incremental import IncrementalCurve, format_cil_table, setting_of, summarize_cil
+
+    try:
+        res = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the matrix reader explains what is wrong with the file
+    if not isinstance(res, dict) or setting_of(res) != "cil":
+        return None
+    try:
+        curve = IncrementalCurve.from_results(res)
+    except MatrixError as err:
+        print(f"{PROG}: {file}: {err}", file=sys.stderr)
+        return 2
+    summary = summarize_cil(curve)
+    print(json.dumps(summary, indent=1) if as_json else format_cil_table(curve, summary))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    cil = _cil(args.file, args.json)
+    if cil is not None:
+        if args.plot is not None:
+            print(f"{PROG}: --plot draws accuracy matrices; for class-incremental runs use zscl compare --out DIR",
+                  file=sys.stderr)
+        return cil
     try:
         m = _read(args.file, args.method)
     except MatrixError as err:
