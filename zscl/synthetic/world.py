@@ -32,7 +32,7 @@ import numpy as np
 
 from zscl.synthetic.render import BACKGROUNDS, PALETTE, SHAPES, Item, Scene, render_array
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the SynthLetter task (22 classes, the class-incremental analogue)
 IMAGE_SIZE = 32
 
 COLOURS: tuple[str, ...] = tuple(PALETTE)
@@ -242,6 +242,9 @@ TASKS: dict[str, SynthTask] = {t.name: t for t in (
     _task("SynthDigit", "obj", {d: f"digit {d}" for d in DIGITS}, background="checker", kind="digit", multi=False,
           size="large", position=None),
     _task("SynthPosition", "position", {p: p for p in POSITIONS}, background="grid", kind="shape", multi=False),
+    # 22 classes on the one background no other task uses: the class-incremental benchmark's dataset.
+    _task("SynthLetter", "obj", {c: f"letter {c}" for c in LETTERS}, background="plain", kind="letter", multi=False,
+          size="large", position=None),
 )}
 """The benchmark's tasks, in the default order."""
 
