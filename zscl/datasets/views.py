@@ -134,3 +134,22 @@ def load_class_order(order: "str | Sequence[int]", num_classes: int) -> list[int
         raise ValueError(f"a class order must be a permutation of 0..{num_classes - 1}; got {len(values)} entries "
                          f"({len(set(values))} distinct)")
     return values
+
+
+def few_shot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
+    """``shots`` positions per class (all of a class's positions if it has fewer), ascending.
+
+    Within a class, positions are ranked by ``blake2b(seed, label, position)``: a pure function
+    of the labels and the seed, the same on every machine, Python, torch version and DDP rank.
+    """
+    if shots < 1:
+        raise ValueError(f"few-shot needs shots >= 1, got {shots}")
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+
+    def rank(y: int, i: int) -> bytes:
+        return hashlib.blake2b(f"{seed},{y},{i}".encode(), digest_size=8).digest()
+
+    chosen = [i for y, items in by_class.items() for i in sorted(items, key=lambda i: rank(y, i))[:shots]]
+    return sorted(chosen)

@@ -19,14 +19,45 @@ back afterwards, so a resumed or repeated run trains on the same images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import lightning as L
+
 from zscl.runner.sequence import SequenceRunner, barrier, is_rank_zero, say
 from zscl.utils.io import write_json_atomic
+
+
+KILL_ENV = "ZSCL_TEST_KILL_AT"
+
+
+class _KillAt(L.Callback):
+    """Test hook: SIGKILL this process right after training step ``step`` of task ``task``
+    (``ZSCL_TEST_KILL_AT=task:step``), so that resume tests crash at a deterministic point.
+    Lightning runs checkpoint callbacks after the others, so a checkpoint due at an earlier step
+    is on disk when this fires."""
+
+    def __init__(self, task: int, step: int) -> None:
+        self.task, self.step = task, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillHook:
+    """Mixin adding :class:`_KillAt` to the trainer of the task named by ``ZSCL_TEST_KILL_AT``."""
+
+    def _trainer(self, kwargs, k, description):
+        trainer = super()._trainer(kwargs, k, description)  # type: ignore[misc]
+        at = os.environ.get(KILL_ENV)
+        if at and k is not None and int(at.split(":")[0]) == k:
+            trainer.callbacks.append(_KillAt(k, int(at.split(":")[1])))
+        return trainer
 
 
 def class_steps(order: Sequence[int], initial: int, increment: int) -> list[list[int]]:
@@ -51,7 +82,7 @@ def _world_size(trainer_cfg: Any) -> int:
     return n * max(int(getattr(trainer_cfg, "num_nodes", 1) or 1), 1)
 
 
-class ClassIncrementalRunner(SequenceRunner):
+class ClassIncrementalRunner(_KillHook, SequenceRunner):
     """A CIL benchmark (module docstring); ``cfg.benchmark.classes`` says how classes are split."""
 
     def __init__(self, parser, cfg) -> None:
@@ -130,26 +161,7 @@ class ClassIncrementalRunner(SequenceRunner):
         say(f"wrote {self._results_path()}")
 
 
-def few_shot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
-    """``shots`` positions per class (all of a class's positions if it has fewer), ascending.
-
-    Within a class, positions are ranked by ``blake2b(seed, label, position)``: a pure function
-    of the labels and the seed, the same on every machine, Python, torch version and DDP rank.
-    """
-    if shots < 1:
-        raise ValueError(f"few-shot needs shots >= 1, got {shots}")
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-
-    def rank(y: int, i: int) -> bytes:
-        return hashlib.blake2b(f"{seed},{y},{i}".encode(), digest_size=8).digest()
-
-    chosen = [i for y, items in by_class.items() for i in sorted(items, key=lambda i: rank(y, i))[:shots]]
-    return sorted(chosen)
-
-
-class FewShotRunner(SequenceRunner):
+class FewShotRunner(_KillHook, SequenceRunner):
     """MTIL with ``cfg.benchmark.few_shot.shots`` training images per class (module docstring)."""
 
     def _subset_path(self, k: int) -> Path:
@@ -158,7 +170,7 @@ class FewShotRunner(SequenceRunner):
     def _subset_view(self, k: int) -> str:
         """The view of task k's few-shot images (drawn once, then read back from the run)."""
         from zscl.datasets import build_dataset, dataset_labels
-        from zscl.datasets.views import DatasetView, register_view
+        from zscl.datasets.views import DatasetView, few_shot_indices, register_view
 
         fs, name, path = self.cfg.benchmark.few_shot, self.task_names[k], self._subset_path(k)
         if path.exists():
