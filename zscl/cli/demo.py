@@ -1,6 +1,6 @@
 """``zscl demo``: finetune vs ZSCL (and ablations) on the synthetic benchmark, end to end, on CPU.
 
-    zscl demo [--out DIR] [--quick] [--methods finetune,zscl] [--merging]
+    zscl demo [--out DIR] [--quick] [--methods finetune,zscl] [--setting mtil|cil|fewshot] [--merging]
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ def build_parser() -> ArgumentParser:
                    help="comma-separated method names of configs/demo.yaml (default: its list)")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--progress", type=str, default="rich", help="rich | tqdm | none")
+    p.add_argument("--setting", type=str, choices=["mtil", "cil", "fewshot"], default="mtil",
+                   help="mtil (default), cil (class-incremental letters) or fewshot (5 images per class); "
+                        "cil/fewshot write under OUT/<setting>/")
     p.add_argument("--merging", action="store_true",
                    help="the merging study: one fine-tune per task, merged with every rule")
     return p
@@ -31,7 +34,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     opts = DemoOptions(out=args.out, quick=args.quick, methods=methods, seed=args.seed, progress=args.progress,
-                       merging=args.merging)
+                       merging=args.merging, setting=args.setting)
     with report_errors("zscl demo") as status:
         if opts.merging:
             from zscl.synthetic.merging_study import run_merging_study

@@ -14,7 +14,7 @@ runs — world files on disk, the dataset registry, the LightningModule, the run
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,11 +33,24 @@ class DemoOptions:
     seed: int = 0
     progress: str = "rich"  # rich | tqdm | none
     merging: bool = False  # the merging study instead of the continual comparison
+    setting: str = "mtil"  # mtil | cil | fewshot: which synthetic benchmark (configs/demo.yaml: settings)
 
 
-def load_plan() -> dict[str, Any]:
+def load_plan(setting: str = "mtil") -> dict[str, Any]:
+    """The demo plan; for ``cil``/``fewshot``, with that setting's benchmark, methods and quick mode."""
     with open(configs_dir() / "demo.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        plan = yaml.safe_load(f)
+    plan["setting"] = setting
+    if setting == "mtil":
+        return plan
+    if setting not in plan.get("settings", {}):
+        raise ValueError(f"unknown demo setting {setting!r}; choose mtil, {', '.join(plan.get('settings', {}))}")
+    block = plan["settings"][setting]
+    plan.update(benchmark=block["benchmark"], default=block["default"], quick={**plan["quick"], **block.get("quick", {})},
+                published=block.get("published"))
+    if not block.get("scale_overrides", True):
+        plan["methods"] = {n: {k: v for k, v in m.items() if k != "overrides"} for n, m in plan["methods"].items()}
+    return plan
 
 
 def _method_argv(plan: dict, name: str, opts: DemoOptions, world_root: Path, out: Path) -> list[str]:
@@ -53,7 +66,7 @@ def _method_argv(plan: dict, name: str, opts: DemoOptions, world_root: Path, out
     argv = ["--config", str(configs_dir() / plan["benchmark"]), "--config", str(configs_dir() / spec["config"]),
             "--config", str(override_file), "--out", str(out), "--data.data_root", str(world_root),
             "--progress", opts.progress, "--seed_everything", str(opts.seed)]
-    if opts.quick:
+    if opts.quick and plan["quick"].get("steps"):
         argv += ["--steps", str(plan["quick"]["steps"])]
     return argv
 
@@ -134,16 +147,23 @@ def _run_parallel(plan: dict, names: list[str], opts: DemoOptions, world_root: P
                     if name not in results and fut.done():
                         results[name] = fut.result()  # re-raises a worker's error here
                         m = results[name]["metrics"]
-                        tqdm.write(f"  {plan['methods'][name]['label']:<20} Transfer {m['transfer']:5.1f}  "
-                                   f"Avg {m['avg']:5.1f}  Last {m['last']:5.1f}")
+                        cells = "  ".join(f"{k.title()} {m[k]:5.1f}" for k in ("transfer", "avg", "last") if k in m)
+                        tqdm.write(f"  {plan['methods'][name]['label']:<20} {cells}")
                 bar.update(_rows_done(out, names) - bar.n)
                 time.sleep(0.5)
     return {n: results[n] for n in names}
 
 
 def plan_tasks(plan: dict) -> list:
+    """The benchmark's tasks (for a class-incremental one: one per class step)."""
     with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
-        return yaml.safe_load(f)["benchmark"]["tasks"]
+        bench = yaml.safe_load(f)["benchmark"]
+    classes = bench.get("classes")
+    if classes:
+        from zscl.runner.cil import class_steps
+
+        return class_steps(list(classes["order"]), classes["initial"], classes["increment"])
+    return bench["tasks"]
 
 
 def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
@@ -158,18 +178,25 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
     from zscl.synthetic.world import generate_world
 
     quiet_lightning()
-    plan = load_plan()
+    plan = load_plan(opts.setting)
     names = methods_to_run(plan, opts)
+    world_root = Path(opts.out) / "world"  # one world for every setting
+    if opts.setting != "mtil":  # each setting's runs and report in their own folder
+        opts = replace(opts, out=str(Path(opts.out) / opts.setting))
     out = Path(opts.out)
     t0 = time.time()
-    world = generate_world(out / "world", opts.seed, quick=opts.quick)
+    world = generate_world(world_root, opts.seed, quick=opts.quick)
     print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root} ({time.time() - t0:.1f} s)")
     jobs = jobs or max(1, min(2, len(names), os.cpu_count() or 1))
     if jobs > 1:
-        results = _run_parallel(plan, names, opts, out / "world", jobs)
+        results = _run_parallel(plan, names, opts, world_root, jobs)
     else:
         results = {}
         for i, name in enumerate(names):
             print(f"\n=== method {i + 1}/{len(names)}: {plan['methods'][name]['label']} ({name}) ===")
-            results[name] = run_method(plan, name, opts, out / "world")
+            results[name] = run_method(plan, name, opts, world_root)
+    if opts.setting == "cil":
+        from zscl.synthetic.report import write_cil_report
+
+        return write_cil_report(plan, names, results, out, time.time() - t0, quick=opts.quick)
     return write_report(plan, names, results, out, time.time() - t0, quick=opts.quick)

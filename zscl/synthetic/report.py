@@ -58,12 +58,13 @@ def _runs(names: list[str], results: dict[str, dict]) -> list:
                 AccuracyMatrix(results[n]["datasets"], results[n]["accuracy"], results[n]["zero_shot"])) for n in names]
 
 
-def _summary_table(runs: list) -> str:
+def _summary_table(runs: list, published: str = "mtil_order1") -> str:
     """Ours on the synthetic benchmark, with the paper's MTIL order I row of the same method beside it
     (no delta: the benchmarks differ; the point is the pattern)."""
     from zscl.evaluation.compare import load_published, summary_table
 
-    return summary_table(runs, load_published("mtil_order1"), delta=False, published_title="paper MTIL-I").render("md")
+    title = "paper MTIL-I" if published == "mtil_order1" else f"paper {published}"
+    return summary_table(runs, load_published(published), delta=False, published_title=title).render("md")
 
 
 def _per_dataset_table(m: AccuracyMatrix) -> str:
@@ -82,9 +83,10 @@ def write_report(plan: dict, names: list[str], results: dict[str, dict], out: Pa
     first = runs[0].matrix
     checks = acceptance(summaries, first.zero_shot, chance_levels(first.datasets))
     plots = write_plots(runs, out / "plots", "synthetic benchmark")
-    table = _summary_table(runs)
+    table = _summary_table(runs, plan.get("published") or "mtil_order1")
     labels = ", ".join(f"`{n}` = {plan['methods'][n]['label']}" for n in names)
-    lines = [f"# zscl demo: the synthetic continual benchmark{' (quick)' if quick else ''}", "",
+    kind = "few-shot (5 images per class) " if plan.get("setting") == "fewshot" else ""
+    lines = [f"# zscl demo: the synthetic {kind}continual benchmark{' (quick)' if quick else ''}", "",
              f"Tasks in order: {', '.join(first.datasets)}. Total time {elapsed:.0f} s.", "",
              "## Methods", "", table, "", f"Methods: {labels}.", "",
              "Transfer: accuracy on tasks not trained yet; Avg: mean of the whole matrix; Last: after the last task. "
@@ -106,6 +108,42 @@ def write_report(plan: dict, names: list[str], results: dict[str, dict], out: Pa
     for c in checks:
         print(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']}")
     print(f"\nwrote {out / 'report.md'}, {out / 'summary.json'} and {len(plots)} plots in {out / 'plots'} ({elapsed:.0f} s)")
+    return summary
+
+
+def write_cil_report(plan: dict, names: list[str], results: dict[str, dict], out: Path, elapsed: float,
+                     quick: bool = False) -> dict[str, Any]:
+    """The class-incremental demo's report.md, plots/ and summary.json (Avg / Last, accuracy per step).
+
+    No acceptance checks: the paper makes no zero-shot claim for CIL; the report shows the pattern."""
+    from zscl.evaluation.compare import Table, load_published
+    from zscl.evaluation.incremental import CilRun, IncrementalCurve, cil_summary_rows, write_cil_plots
+
+    runs = [CilRun(n, str(results[n].get("benchmark")), IncrementalCurve.from_results(results[n]),
+                   results[n]["step_classes"]) for n in names]
+    published = plan.get("published")
+    header, rows = cil_summary_rows(runs, load_published(published) if published else None)
+    header = [h.replace("paper", f"paper {published}") if h.startswith("paper") else h for h in header]
+    keep = 6 if published else 3  # method, Avg, Last (+ the paper's row, Avg, Last); no deltas: another benchmark
+    table = Table(header[:keep], [r[:keep] for r in rows], "class-incremental Avg / Last (%)").render("md")
+    plots = write_cil_plots(runs, out / "plots", "synthetic class-incremental benchmark")
+    steps = results[names[0]]["step_classes"]
+    per_step = _table([[plan["methods"][r.label]["label"], *(f"{a:.1f}" for a in r.curve.accuracy)] for r in runs],
+                      ["method", *(f"{len(s)} new / {sum(len(x) for x in steps[:t + 1])} seen" for t, s in enumerate(steps))])
+    lines = [f"# zscl demo: the synthetic class-incremental benchmark{' (quick)' if quick else ''}", "",
+             f"{results[names[0]]['dataset']}: {sum(len(s) for s in steps)} classes in {len(steps)} steps. "
+             f"Total time {elapsed:.0f} s.", "", "## Methods", "", table, "",
+             "Avg: mean over steps of the accuracy on all classes seen so far (first step included); Last: after the "
+             "last step. The paper's columns are published numbers of the same method on CIFAR100 in 10 steps "
+             "(another benchmark: compare the pattern, not the values).", "",
+             "## Accuracy on the seen classes after each step", "", per_step, "",
+             "## Plots", "", "![accuracy per step](plots/accuracy_per_step.png)", ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    summary = {"setting": "cil", "methods": {r.label: {k: r.summary[k] for k in ("avg", "last")} for r in runs},
+               "elapsed_s": round(elapsed, 1), "quick": quick, "plots": [str(p) for p in plots]}
+    write_json_atomic(out / "summary.json", summary)
+    print("\n" + table + "\n\n" + per_step + "\n")
+    print(f"wrote {out / 'report.md'}, {out / 'summary.json'} and {len(plots)} plot in {out / 'plots'} ({elapsed:.0f} s)")
     return summary
 
 
