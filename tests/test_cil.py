@@ -242,3 +242,23 @@ def test_benchmark_method_overrides_apply_after_the_method_and_before_later_keys
     mtil = build_parser().parse_args(with_method_overrides(resolve_config_args(
         ["--config", "benchmark/mtil_order1", "--config", "method/zscl"])))
     assert mtil.model.distill.image == 1.0 and mtil.model.averaging == [{"name": "we", "every": 100}]
+
+
+def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
+    from zscl.synthetic.demo import load_plan, plan_tasks
+    from zscl.synthetic.report import write_cil_report
+
+    cil, fewshot = load_plan("cil"), load_plan("fewshot")
+    assert cil["benchmark"] == "benchmark/synthetic_cil.yaml" and [len(s) for s in plan_tasks(cil)] == [6, 4, 4, 4, 4]
+    assert all("overrides" not in m for m in cil["methods"].values())  # the benchmark's method_overrides rule
+    assert fewshot["methods"]["zscl"]["overrides"] and len(plan_tasks(fewshot)) == 5
+    steps = [[0, 1], [2], [3]]
+    results = {n: {"setting": "cil", "benchmark": "synthetic_cil", "dataset": "SynthLetter", "step_classes": steps,
+                   "accuracy": acc, "seen_classes": [[0, 1], [0, 1, 2], [0, 1, 2, 3]]}
+               for n, acc in (("finetune", [90.0, 60.0, 30.0]), ("zscl", [90.0, 75.0, 66.0]))}
+    summary = write_cil_report(cil, ["finetune", "zscl"], results, tmp_path, 1.0, quick=True)
+    assert summary["methods"]["zscl"] == {"avg": pytest.approx(77.0), "last": 66.0}
+    assert summary["methods"]["finetune"] == {"avg": pytest.approx(60.0), "last": 30.0}
+    report = (tmp_path / "report.md").read_text()
+    assert "| zscl | 77.0 | 66.0 | ZSCL | 82.2 | 73.7 |" in report and "| ZSCL | 90.0 | 75.0 | 66.0 |" in report
+    assert (tmp_path / "plots" / "accuracy_per_step.png").stat().st_size > 0

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 
-from zscl.runner.sequence import SequenceRunner, barrier, is_rank_zero, say
+from zscl.runner.sequence import SequenceRunner, is_rank_zero, say
 from zscl.utils.io import write_json_atomic
 
 
@@ -183,10 +183,11 @@ class FewShotRunner(_KillHook, SequenceRunner):
         else:
             labels = dataset_labels(build_dataset(name, self.cfg.data.data_root, "train"))
             indices = few_shot_indices(labels, fs.shots, fs.seed)
+            # Every rank draws the same indices (a pure function), so no rank waits for rank 0's file;
+            # the write is atomic, so a rank that finds the file reads it whole.
             if is_rank_zero():
                 write_json_atomic(path, {"dataset": name, "shots": fs.shots, "seed": fs.seed, "split": "train",
                                          "indices": indices})
-            barrier()
             say(f"  few-shot: {len(indices)} of {len(labels)} {name} training images ({fs.shots} per class)")
         return register_view(DatasetView(name, train_indices=tuple(indices)))
 
