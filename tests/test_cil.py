@@ -144,6 +144,7 @@ def test_cil_seen_class_evaluation_matches_a_hand_built_expectation(cil_run):
         assert dataset_labels(train) == [step.index(y) for y in fake.labels["train"] if y in step]
     assert res["metrics"]["avg"] == pytest.approx(sum(res["accuracy"]) / 3)
     assert res["metrics"]["last"] == res["accuracy"][2]
+    assert len(res["zero_shot"]) == 3 and res["metrics"]["zero_shot_avg"] == pytest.approx(sum(res["zero_shot"]) / 3)
 
 
 @pytest.mark.slow
@@ -178,8 +179,9 @@ def test_cil_accuracy_recomputed_by_hand_from_the_export(cil_run):
 def test_cil_metrics_by_hand_on_three_steps(tmp_path):
     from zscl.evaluation.incremental import IncrementalCurve, summarize_cil
 
-    s = summarize_cil(IncrementalCurve([90.0, 75.0, 60.0], [10, 20, 30]))
+    s = summarize_cil(IncrementalCurve([90.0, 75.0, 60.0], [10, 20, 30], zero_shot=[80.0, 70.0, 66.0]))
     assert s["avg"] == pytest.approx(75.0) and s["last"] == 60.0 and s["steps"] == 3
+    assert s["zero_shot_avg"] == pytest.approx(72.0) and s["zero_shot_last"] == 66.0
     res = {"setting": "cil", "accuracy": [90.0, 75.0, 60.0], "seen_classes": [[0], [0, 1], [0, 1, 2]],
            "step_classes": [[0], [1], [2]], "benchmark": "b", "method": "m"}
     path = tmp_path / "results.json"
@@ -254,11 +256,12 @@ def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
     assert fewshot["methods"]["zscl"]["overrides"] and len(plan_tasks(fewshot)) == 5
     steps = [[0, 1], [2], [3]]
     results = {n: {"setting": "cil", "benchmark": "synthetic_cil", "dataset": "SynthLetter", "step_classes": steps,
-                   "accuracy": acc, "seen_classes": [[0, 1], [0, 1, 2], [0, 1, 2, 3]]}
+                   "accuracy": acc, "seen_classes": [[0, 1], [0, 1, 2], [0, 1, 2, 3]], "zero_shot": [80.0, 60.0, 40.0]}
                for n, acc in (("finetune", [90.0, 60.0, 30.0]), ("zscl", [90.0, 75.0, 66.0]))}
     summary = write_cil_report(cil, ["finetune", "zscl"], results, tmp_path, 1.0, quick=True)
     assert summary["methods"]["zscl"] == {"avg": pytest.approx(77.0), "last": 66.0}
     assert summary["methods"]["finetune"] == {"avg": pytest.approx(60.0), "last": 30.0}
     report = (tmp_path / "report.md").read_text()
     assert "| zscl | 77.0 | 66.0 | ZSCL | 82.2 | 73.7 |" in report and "| ZSCL | 90.0 | 75.0 | 66.0 |" in report
+    assert "| zero-shot | 60.0 | 40.0 | – | – | – |" in report and summary["zero_shot"] == {"avg": 60.0, "last": 40.0}
     assert (tmp_path / "plots" / "accuracy_per_step.png").stat().st_size > 0

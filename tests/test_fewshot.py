@@ -107,7 +107,8 @@ def test_synthetic_cil_completes_and_resumes_after_sigkill_to_identical_results(
     assert res["metrics"]["avg"] == pytest.approx(sum(res["accuracy"]) / 3)
     resumed = _killed_then_resumed(argv(tmp_path / "b"), kill_at="1:3")
     assert resumed["accuracy"] == res["accuracy"]
-    _same_run(tmp_path / "a", tmp_path / "b", ("accuracy", "top5", "per_class_accuracy", "seen_classes", "n_test"))
+    _same_run(tmp_path / "a", tmp_path / "b", ("accuracy", "top5", "per_class_accuracy", "seen_classes", "n_test",
+                                                 "zero_shot"))
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ class IncrementalCurve:
 
     accuracy: list[float]
     seen: Optional[list[int]] = None
+    zero_shot: Optional[list[float]] = None  # the initial model on the same class sets
 
     def __post_init__(self) -> None:
         if not isinstance(self.accuracy, (list, tuple)) or not self.accuracy:
@@ -43,11 +44,17 @@ class IncrementalCurve:
         self.accuracy = [_percent(a, f"accuracy[{t}]") for t, a in enumerate(self.accuracy)]
         if self.seen is not None and len(self.seen) != len(self.accuracy):
             raise MatrixError(f"{len(self.seen)} seen-class counts for {len(self.accuracy)} steps")
+        if self.zero_shot is not None:
+            if len(self.zero_shot) < len(self.accuracy):
+                raise MatrixError(f"{len(self.zero_shot)} zero-shot accuracies for {len(self.accuracy)} steps")
+            self.zero_shot = [_percent(a, f"zero_shot[{t}]") for t, a in enumerate(self.zero_shot[:len(self.accuracy)])]
 
     @classmethod
     def from_results(cls, res: dict[str, Any]) -> "IncrementalCurve":
         seen = res.get("seen_classes")
-        return cls(list(res.get("accuracy") or []), [len(s) for s in seen] if seen else None)
+        zs = res.get("zero_shot")
+        return cls(list(res.get("accuracy") or []), [len(s) for s in seen] if seen else None,
+                   list(zs) if isinstance(zs, list) else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "IncrementalCurve":
@@ -56,16 +63,22 @@ class IncrementalCurve:
 
 def summarize_cil(curve: IncrementalCurve) -> dict[str, Any]:
     """Avg and Last (module docstring) and the per-step accuracies."""
-    return {"avg": fmean(curve.accuracy), "last": curve.accuracy[-1], "steps": len(curve.accuracy),
-            "accuracy": list(curve.accuracy)}
+    out = {"avg": fmean(curve.accuracy), "last": curve.accuracy[-1], "steps": len(curve.accuracy),
+           "accuracy": list(curve.accuracy)}
+    if curve.zero_shot is not None:
+        out.update(zero_shot_avg=fmean(curve.zero_shot), zero_shot_last=curve.zero_shot[-1])
+    return out
 
 
 def format_cil_table(curve: IncrementalCurve, summary: dict[str, Any]) -> str:
-    lines = ["step  seen classes  accuracy"]
+    zs = curve.zero_shot
+    lines = ["step  seen classes  accuracy" + ("  zero-shot" if zs else "")]
     for t, a in enumerate(curve.accuracy):
         seen = curve.seen[t] if curve.seen else "?"
-        lines.append(f"{t + 1:>4}  {seen!s:>12}  {a:8.2f}")
+        lines.append(f"{t + 1:>4}  {seen!s:>12}  {a:8.2f}" + (f"  {zs[t]:9.2f}" if zs else ""))
     lines.append(f"Avg {summary['avg']:.2f}   Last {summary['last']:.2f}   ({summary['steps']} steps)")
+    if zs:
+        lines.append(f"zero-shot: Avg {summary['zero_shot_avg']:.2f}   Last {summary['zero_shot_last']:.2f}")
     return "\n".join(lines)
 
 
@@ -114,6 +127,9 @@ def cil_summary_rows(runs: Sequence[CilRun], published: Optional[dict[str, Any]]
     if published is not None:
         header += ["paper row", *(f"paper {t}" for _, t in METRICS), *(f"Δ {t}" for _, t in METRICS)]
     rows: list[list[Any]] = []
+    if runs and runs[0].curve.zero_shot is not None:  # the initial model: the paper's Continual-CLIP row
+        s = runs[0].summary
+        rows.append(["zero-shot", s["zero_shot_avg"], s["zero_shot_last"], *([None] * 5 if published is not None else [])])
     for run in runs:
         ours = [run.summary[k] for k, _ in METRICS]
         row: list[Any] = [run.label, *ours]
@@ -148,6 +164,11 @@ def write_cil_plots(runs: Sequence[CilRun], out: Path, title: str = "") -> list[
     for run in runs:
         xs = run.curve.seen or list(range(1, len(run.curve.accuracy) + 1))
         ax.plot(xs, run.curve.accuracy, marker="o", label=f"{run.label} (Avg {run.summary['avg']:.1f})")
+    if runs and runs[0].curve.zero_shot is not None:
+        first = runs[0]
+        xs = first.curve.seen or list(range(1, len(first.curve.accuracy) + 1))
+        ax.plot(xs, first.curve.zero_shot, color="grey", linestyle="--",
+                label=f"zero-shot (Avg {first.summary['zero_shot_avg']:.1f})")
     ax.set_xlabel("classes seen" if runs and runs[0].curve.seen else "step")
     ax.set_ylabel("top-1 accuracy on seen classes (%)")
     ax.set_title(title or "class-incremental accuracy")

@@ -9,7 +9,8 @@ cross-entropy over *its* class prompts only (a view with the step's classes), fo
 default; then the exported model is evaluated on the test images of every class seen so far,
 among the prompts of all of them (a view with classes of steps ``0..t``). results.json holds,
 per step, the seen classes, their accuracy and per-class accuracies, and Avg / Last
-(:mod:`zscl.evaluation.incremental`). No zero-shot row: the reference reports none.
+(:mod:`zscl.evaluation.incremental`), and the initial model's accuracy on every step's seen classes
+(``zero_shot``, the paper's Continual-CLIP row; ``benchmark.classes.zero_shot: false`` skips it).
 
 **Few-shot** (``benchmark.few_shot``): task ``k`` trains on a view holding ``shots`` images per
 class of its training split (:func:`few_shot_indices`), evaluated on the full test sets. The
@@ -133,7 +134,18 @@ class ClassIncrementalRunner(_KillHook, SequenceRunner):
         return cfg
 
     def _zero_shot(self) -> None:
-        """The reference reports no zero-shot row for CIL."""
+        """The initial model on every step's seen classes, in one validation pass (Continual-CLIP)."""
+        if not self.cfg.benchmark.classes.zero_shot:
+            return
+        say("zero-shot: the initial model on the classes seen after each step")
+        cfg = self._task_cfg(0, self.cfg.model.init_from, eval_only=True)
+        cfg["data.eval_datasets"] = list(self.seen_views)
+        model, dm, kw = self._instantiate(cfg)
+        self._trainer(kw, None, "zero-shot").validate(model, datamodule=dm, verbose=False)
+        self.results["zero_shot"] = [model.eval_results[n].top1 for n in self.seen_views]
+        self.results["zero_shot_top5"] = [model.eval_results[n].top5 for n in self.seen_views]
+        self._save()
+        say("  zero-shot per step: " + "  ".join(f"{a:.1f}" for a in self.results["zero_shot"]))
 
     def _evaluate(self, trainer, module, dm) -> tuple[float, float]:
         """Accuracy on the seen classes; also records the seen classes and per-class accuracies."""

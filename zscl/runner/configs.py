@@ -106,7 +106,8 @@ class ClassSteps:
 
     Step 0 holds the first ``initial`` classes of ``order``, every later step the next
     ``increment``. ``order`` is a list of labels or the name of ``data/class_orders/<name>.json``.
-    ``template`` replaces the dataset's prompts in training and evaluation. A step trains for
+    ``template`` replaces the dataset's prompts in training and evaluation. ``zero_shot`` adds the
+    initial model's accuracy on every step's seen classes (the Continual-CLIP baseline). A step trains for
     ``epochs`` passes over its classes' training images: ``ceil(epochs * n / (batch_size * devices))``
     iterations (reference: one epoch, batch 64, one GPU).
     """
@@ -117,6 +118,7 @@ class ClassSteps:
     increment: int = 10
     template: Optional[str] = None
     epochs: float = 1.0
+    zero_shot: bool = True  # also evaluate the initial model after every step's class set (Continual-CLIP)
 
 
 @dataclass

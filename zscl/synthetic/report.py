@@ -63,7 +63,7 @@ def _summary_table(runs: list, published: str = "mtil_order1") -> str:
     (no delta: the benchmarks differ; the point is the pattern)."""
     from zscl.evaluation.compare import load_published, summary_table
 
-    title = "paper MTIL-I" if published == "mtil_order1" else f"paper {published}"
+    title = {"mtil_order1": "paper MTIL-I", "mtil_order1_fewshot5": "paper 5-shot MTIL-I"}.get(published, f"paper {published}")
     return summary_table(runs, load_published(published), delta=False, published_title=title).render("md")
 
 
@@ -128,7 +128,9 @@ def write_cil_report(plan: dict, names: list[str], results: dict[str, dict], out
     table = Table(header[:keep], [r[:keep] for r in rows], "class-incremental Avg / Last (%)").render("md")
     plots = write_cil_plots(runs, out / "plots", "synthetic class-incremental benchmark")
     steps = results[names[0]]["step_classes"]
-    per_step = _table([[plan["methods"][r.label]["label"], *(f"{a:.1f}" for a in r.curve.accuracy)] for r in runs],
+    zs = runs[0].curve.zero_shot
+    per_step = _table(([["zero-shot", *(f"{a:.1f}" for a in zs)]] if zs else [])
+                      + [[plan["methods"][r.label]["label"], *(f"{a:.1f}" for a in r.curve.accuracy)] for r in runs],
                       ["method", *(f"{len(s)} new / {sum(len(x) for x in steps[:t + 1])} seen" for t, s in enumerate(steps))])
     lines = [f"# zscl demo: the synthetic class-incremental benchmark{' (quick)' if quick else ''}", "",
              f"{results[names[0]]['dataset']}: {sum(len(s) for s in steps)} classes in {len(steps)} steps. "
@@ -140,6 +142,7 @@ def write_cil_report(plan: dict, names: list[str], results: dict[str, dict], out
              "## Plots", "", "![accuracy per step](plots/accuracy_per_step.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     summary = {"setting": "cil", "methods": {r.label: {k: r.summary[k] for k in ("avg", "last")} for r in runs},
+               "zero_shot": {k: runs[0].summary[f"zero_shot_{k}"] for k in ("avg", "last")} if zs else None,
                "elapsed_s": round(elapsed, 1), "quick": quick, "plots": [str(p) for p in plots]}
     write_json_atomic(out / "summary.json", summary)
     print("\n" + table + "\n\n" + per_step + "\n")
