@@ -113,12 +113,12 @@ def test_synthetic_cil_completes_and_resumes_after_sigkill_to_identical_results(
 
 @pytest.mark.slow
 def test_synthetic_fewshot_completes_and_resumes_after_sigkill_on_the_same_images(world, tmp_path):
-    """LwF (whose reference images are the task's own training images: here the few-shot ones), on the
-    first three tasks of the synthetic few-shot benchmark; killed mid-task 3, resumed."""
+    """iCaRL (whose exemplars must come from the few-shot images only), on the first three tasks of the
+    synthetic few-shot benchmark; killed mid-task 3, resumed."""
     from zscl.datasets import build_dataset, dataset_labels
 
     tasks = "[{dataset: SynthShape, lr: 1.0e-3}, {dataset: SynthColor, lr: 1.0e-3}, {dataset: SynthCount, lr: 1.0e-3}]"
-    argv = lambda out: _argv(world, "synthetic_fewshot", "lwf", out, 4, "--benchmark.tasks", tasks)  # noqa: E731
+    argv = lambda out: _argv(world, "synthetic_fewshot", "icarl", out, 4, "--benchmark.tasks", tasks)  # noqa: E731
     res = _run_here(argv(tmp_path / "a"))
     assert res["few_shot"] == {"shots": 5, "seed": 42} and len(res["accuracy"]) == 3
     for path in sorted((tmp_path / "a" / "fewshot").glob("*.json")):
@@ -126,6 +126,11 @@ def test_synthetic_fewshot_completes_and_resumes_after_sigkill_on_the_same_image
         labels = dataset_labels(build_dataset(stored["dataset"], world, "train"))
         assert set(Counter(labels[i] for i in stored["indices"]).values()) == {5}  # 8 per class in this world
         assert stored["indices"] == few_shot_indices(labels, 5, 42)
+    memory = json.loads((tmp_path / "a" / "memory" / "02-SynthCount.json").read_text())
+    assert [t["dataset"].split("@")[0] for t in memory["tasks"]] == ["SynthShape", "SynthColor", "SynthCount"]
+    for t in memory["tasks"]:  # indices into the few-shot view: 5 images per class, nothing else
+        n_classes = len(build_dataset(t["dataset"], world, "train").labels) // 5
+        assert t["dataset"].startswith(t["dataset"].split("@")[0] + "@all-n") and max(t["indices"]) < 5 * n_classes
     _killed_then_resumed(argv(tmp_path / "b"), kill_at="2:3")
     for path in sorted((tmp_path / "a" / "fewshot").glob("*.json")):
         assert json.loads((tmp_path / "b" / "fewshot" / path.name).read_text()) == json.loads(path.read_text())

@@ -210,9 +210,14 @@ class FewShotRunner(_KillHook, SequenceRunner):
             raise ValueError(f"{self._results_path()} is a run with another few-shot draw ({res['few_shot']}); use a new --out")
         return res
 
+    def _train_dataset(self, k: int) -> str:
+        return self._subset_view(k)  # iCaRL herds its exemplars among the few-shot images only
+
     def _task_cfg(self, k: int, init_from: Optional[str], eval_only: bool = False):
         cfg = super()._task_cfg(k, init_from, eval_only)
         if not eval_only:
+            for j in range(k):  # earlier tasks' views, named in an exemplar memory replayed now
+                self._subset_view(j)
             cfg["data.dataset"] = self._subset_view(k)
         return cfg
 

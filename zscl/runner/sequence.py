@@ -309,6 +309,10 @@ class SequenceRunner:
         model.export_weights(str(target))
         barrier()
 
+    def _train_dataset(self, k: int) -> str:
+        """The dataset task k trains on (a few-shot runner trains on a view of it)."""
+        return self.task_names[k]
+
     def _memory_path(self, k: int) -> Path:
         """iCaRL's exemplar memory after task k (:mod:`zscl.reference.memory`)."""
         return self.out / "memory" / f"{self._slug(k)}.json"
@@ -319,7 +323,7 @@ class SequenceRunner:
         from zscl.reference.memory import candidate_features, read_memory, update_memory, write_memory
 
         if is_rank_zero():
-            cfg, name = self.continual.memory, self.task_names[k]
+            cfg, name = self.continual.memory, self._train_dataset(k)
             model, dm, _ = self._instantiate(self._task_cfg(k, str(self._export_path(k)), eval_only=True))
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
             clip = model.clip.to(device).eval()
