@@ -8,8 +8,10 @@ Layout (the official zip, unpacked)::
 
 ``train`` is the train folder and ``test`` the labelled val folder (the official test split has no
 labels). Label ``i`` is the ``i``-th WordNet id of ``data/wnids/TinyImageNet.json`` -- the order of
-the reference's class-name list (``cil/dataset_reqs/tinyimagenet_classes.txt``), which is also the
-order of ``wnids.txt`` in the zip -- and its name is ``data/classnames/TinyImageNet.json[i]``.
+the reference's class-name list (``cil/dataset_reqs/tinyimagenet_classes.txt``) -- and its name is
+``data/classnames/TinyImageNet.json[i]``. Images are labelled through their WordNet id, so the order
+of folders on disk never matters. (Whether the reference's ``continuum`` loader numbers classes in the
+same order could not be checked here; the class order file indexes these labels.)
 """
 
 from __future__ import annotations
