@@ -189,3 +189,29 @@ def reporting_loader(stream: IterableDataset, records: list[tuple[str, str]], lo
     from zscl.datasets.streams import stream_loader
 
     return ReportingLoader(stream_loader(ReportUnreadable(stream, records), num_workers, pin_memory), log, name)
+
+
+class UnreadableTestImagesError(ValueError):
+    """Evaluation sets with unreadable images: all of them, in one message.
+
+    A test set's size is part of a benchmark's protocol, so evaluation never skips silently.
+    """
+
+    def __init__(self, found: dict[str, Sequence[tuple[str, str]]]) -> None:
+        self.found = {name: list(items) for name, items in found.items() if items}
+        n = sum(map(len, self.found.values()))
+        listing = "; ".join(f"{name}: " + ", ".join(f"{path} ({reason})" for path, reason in items)
+                            for name, items in self.found.items())
+        super().__init__(f"{n} unreadable test image(s), so the run did not start: {listing}. Repair or remove "
+                         "them, or pass --allow-bad-test-images to leave them out (they are counted in the results)")
+
+
+def find_unreadable(dataset: Dataset, num_workers: int = 1, progress: bool = False,
+                    desc: str = "checking images") -> list[tuple[int, str, str]]:
+    """``(index, path, reason)`` of the items of ``dataset`` whose image file does not decode."""
+    from zscl.datasets.check import decode_all
+
+    paths = [(i, image_path(dataset, i)) for i in range(len(dataset))]  # type: ignore[arg-type]
+    files = [(i, p) for i, p in paths if p is not None]
+    results = decode_all([p for _, p in files], num_workers, progress, desc)
+    return [(i, path, reason) for (i, _), (path, mode, reason) in zip(files, results) if mode is None]

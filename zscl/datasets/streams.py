@@ -137,11 +137,14 @@ class ShardedEval(IterableDataset):
 
     Lightning pads DistributedSampler shards with duplicates, which would miscount accuracy;
     an IterableDataset is left alone, and the per-rank counts are summed afterwards.
+    ``excluded`` lists the ``(path, reason)`` of unreadable images left out of ``dataset``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 collate: Callable[[list[Any]], Any] = default_collate) -> None:
+                 collate: Callable[[list[Any]], Any] = default_collate,
+                 excluded: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__()
+        self.excluded = list(excluded)
         n = len(dataset)  # type: ignore[arg-type]
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         self.dataset, self.lo, self.hi, self.batch_size, self.collate = dataset, lo, hi, batch_size, collate

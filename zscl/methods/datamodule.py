@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from zscl.datasets.badimages import BadImageLog, SafeImages, reporting_loader
+from zscl.datasets.badimages import BadImageLog, SafeImages, UnreadableImageError, reporting_loader
 from zscl.datasets.streams import StepBatchStream
 from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
 
@@ -155,6 +155,10 @@ class ContinualDataModule(L.LightningDataModule):
                                           records=records, skip_unreadable=self.skip_bad)
             return reporting_loader(stream, records, self.bad_images, "reference", self.num_workers, pin)
         dataset = SafeImages(reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir))
+        left_out = getattr(dataset.dataset, "excluded", [])  # a cached pool leaves unreadable images out
+        if left_out and not self.skip_bad:
+            raise UnreadableImageError(f"unreadable image {left_out[0][0]} ({left_out[0][1]})", *left_out[0])
+        self.bad_images.add(left_out, "reference")
         stream = StepBatchStream(dataset, self.reference_batch_size, seed=self.seed + 1, start_step=step,
                                  rank=rank, world_size=world, skip_unreadable=self.skip_bad)
         return reporting_loader(stream, stream.unreadable, self.bad_images, "reference", self.num_workers, pin)
@@ -175,17 +179,28 @@ class ContinualDataModule(L.LightningDataModule):
             print(line, file=sys.stderr, flush=True)
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: build the evaluation caches there once.
-        if self.eval_cache and self.trainer is not None:
-            for name in self.eval_names:
+        # Lightning calls this on one process per node: build the evaluation caches there once,
+        # and refuse unreadable test images of every evaluation dataset at once, before training.
+        from zscl.datasets.badimages import UnreadableTestImagesError
+
+        if self.trainer is None:
+            return
+        found: dict[str, list] = {}
+        for name in self.eval_names:
+            try:
                 self._eval_loader(name, rank=0, world=1)
+            except UnreadableTestImagesError as err:
+                found.update(err.found)
+        if found:
+            raise UnreadableTestImagesError(found)
 
     def _eval_loader(self, name: str, rank: int, world: int):
         from zscl.evaluation.zeroshot import dataset_batches
 
         loader, _, _ = dataset_batches(name, self.data_root, self._bundle.test_transform, batch_size=self.eval_batch_size,
                                        num_workers=self.num_workers, cache=self.eval_cache, cache_dir=self.cache_dir,
-                                       rank=rank, world_size=world)
+                                       rank=rank, world_size=world, allow_bad=self.allow_bad_test_images)
+        self.excluded_test_images[name] = [path for path, _ in loader.dataset.excluded]
         return loader
 
     def val_dataloader(self) -> list:

@@ -68,6 +68,7 @@ class DropLabels(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.excluded = getattr(dataset, "excluded", [])  # a cached pool's unreadable images, left out
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
