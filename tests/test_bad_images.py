@@ -4,6 +4,7 @@ evaluation refuses them up front (or excludes and counts them), errors are one l
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,196 @@ def test_a_worker_exception_is_reported_as_one_line_naming_the_file(capsys, monk
         err = capsys.readouterr().err
         assert status.code == 2 and err.count("\n") == 1, err
         assert err.startswith("zscl fit: ") and expected in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def _one_task_benchmark(root: Path, steps: int = 8) -> Path:
+    from tests.tiny_world import _settings
+
+    path = root / "tiny" / "one_task.yaml"
+    path.write_text(f"""benchmark:
+  name: tiny-one
+  tasks:
+    - {{dataset: TinyColors, lr: 1.0e-3, steps: {steps}}}
+  eval_datasets: [TinyColors]
+""" + _settings(root))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corrupt_world(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """The tiny world with three broken files among TinyColors' training images."""
+    from tests.tiny_world import make_tiny_world
+
+    root = tmp_path_factory.mktemp("corrupt")
+    make_tiny_world(root)
+    _one_task_benchmark(root)
+    return root, plant_corrupt_images(root / "tiny" / "TinyColors" / "train" / "red")
+
+
+def _sequence(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["sequence", "--config", str(root / "tiny" / "one_task.yaml"), "--config", "method/zscl", "--out", str(out),
+            "--checkpoint_every", "2", "--progress", "none", *extra]
+
+
+@pytest.mark.slow
+def test_corrupt_training_images_are_replaced_counted_named_and_resume_is_bit_identical(corrupt_world, capsys):
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.test_sequence import zscl_cmd
+    from zscl.cli.sequence import main
+
+    root, bad = corrupt_world
+    assert main(_sequence(root, root / "runs" / "full")[1:]) == 0  # in this process: no start-up cost
+    full = capsys.readouterr()
+    res = json.loads((root / "runs" / "full" / "results.json").read_text())
+    assert res["bad_images"] == {"TinyColors": 3}
+    assert sorted(res["bad_image_paths"]["TinyColors"]) == sorted(map(str, bad))
+    assert all(str(p) in full.err for p in bad), "the first unreadable files are named as they are met"
+    assert "TinyColors: 3 unreadable image(s) replaced" in full.err  # the warning at the end of the task
+    assert "unreadable training/reference images replaced: TinyColors 3" in full.out  # under the table
+
+    out = root / "runs" / "killed"
+    marker = out / "tasks" / "00-TinyColors" / "last.ckpt"
+    proc = subprocess.Popen(zscl_cmd(*_sequence(root, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the task never wrote a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "00-TinyColors.safetensors").exists(), "killed too late: the task had finished"
+    with warnings.catch_warnings(record=True) as caught:  # nothing silences Lightning's "not resumable" warning
+        warnings.simplefilter("always")
+        assert main(_sequence(root, out)[1:]) == 0
+    assert "resuming from" in capsys.readouterr().out and not [w for w in caught if "not resumable" in str(w.message)]
+    a = load_file(str(out / "checkpoints" / "00-TinyColors.safetensors"))
+    b = load_file(str(root / "runs" / "full" / "checkpoints" / "00-TinyColors.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b), "resumed weights must be bit-identical"
+    assert json.loads((out / "results.json").read_text())["bad_images"] == {"TinyColors": 3}
+
+
+@pytest.mark.slow
+def test_on_bad_image_error_stops_with_one_line_naming_the_file(corrupt_world, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from tests.tiny_world import task_yaml
+    from zscl.cli.lightning import fit
+
+    monkeypatch.setattr(sys, "argv", ["zscl"])  # the CLI rewrites it for LightningCLI
+    monkeypatch.delenv("ZSCL_DEBUG", raising=False)
+    root, bad = corrupt_world
+    task = task_yaml(root, tmp_path / "task.yaml", "TinyColors", steps=8, default_root_dir=tmp_path / "fit")
+    # One DataLoader worker: the error crosses a process boundary, as in real runs.
+    code = fit(["--config", "method/finetune", "--config", str(task), "--data.on_bad_image", "error",
+                "--data.num_workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("zscl fit:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert any(f"unreadable image {p} (" in lines[0] for p in bad), lines[0]
+
+
+@pytest.mark.slow
+def test_a_corrupt_test_image_stops_the_run_before_training_unless_allowed(tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.tiny_world import make_tiny_world
+    from zscl.cli.sequence import main
+
+    monkeypatch.delenv("ZSCL_DEBUG", raising=False)
+    make_tiny_world(tmp_path)
+    _one_task_benchmark(tmp_path, steps=2)
+    broken = tmp_path / "tiny" / "TinyColors" / "test" / "blue" / "zz_broken.png"
+    broken.write_bytes(png_bytes(3)[:100])
+    args = ["--config", str(tmp_path / "tiny" / "one_task.yaml"), "--config", "method/finetune",
+            "--out", str(tmp_path / "run"), "--progress", "none"]
+    assert main([*args, "--check-data"]) == 2  # zscl check-data first: nothing runs
+    out = capsys.readouterr().out
+    assert f"unreadable: {broken}" in out and "check-data: PROBLEMS: 1 unreadable image(s)" in out
+    assert not (tmp_path / "run").exists()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert str(broken) in captured.err and "--allow-bad-test-images" in captured.err
+    assert "task 1/1" not in captured.out and not (tmp_path / "run" / "results.json").exists()
+    assert main([*args, "--allow-bad-test-images"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["excluded_test_images"] == {"TinyColors": 1}
+    assert res["excluded_test_image_paths"] == {"TinyColors": [str(broken)]}
+    assert "unreadable test images excluded (--allow-bad-test-images): TinyColors 1" in capsys.readouterr().out
+
+
+def test_an_eval_cache_killed_mid_build_is_never_read_as_complete(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from torchvision import transforms as T
+
+    from zscl.datasets import CustomDataset, register_custom
+    from zscl.evaluation.cache import cached_dataset
+
+    for i in range(150):  # three batches of the cache builder's 64
+        folder = tmp_path / "data" / "many" / ("train" if i < 10 else "test") / f"c{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    setup = (f"from zscl.datasets import CustomDataset, register_custom; from torchvision import transforms as T; "
+             f"from zscl.evaluation.cache import cached_dataset; "
+             f"register_custom(CustomDataset('ManyImages', 'imagefolder', 'many'), data_root={str(tmp_path / 'data')!r}); "
+             f"tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]); "
+             f"cached_dataset('ManyImages', 'test', {str(tmp_path / 'data')!r}, tf, {str(tmp_path / 'cache')!r}, progress=False)")
+    env = {**os.environ, "ZSCL_KILL_AT": "eval-cache-fill"}
+    proc = subprocess.run([sys.executable, "-c", setup], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed after the first batch
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert leftovers and all(name.endswith(".tmp") for name in leftovers), leftovers
+    register_custom(CustomDataset("ManyImages", "imagefolder", "many"), data_root=tmp_path / "data")
+    tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    cached, _, _ = cached_dataset("ManyImages", "test", tmp_path / "data", tf, tmp_path / "cache", progress=False)
+    values = sorted(int(cached[i][0][0, 0, 0]) for i in range(len(cached)))
+    assert values == list(range(10, 150)), "the rebuilt cache holds every test image exactly once"
+
+
+@pytest.mark.slow
+def test_check_data_on_a_fake_mtil_tree_finds_exactly_the_planted_problems(tmp_path, capsys):
+    import json
+    import shutil
+
+    from tests.fake_layouts import make_fake_dataset
+    from zscl.cli.check_data import main
+    from zscl.datasets import get_dataset
+    from zscl.datasets.mtil import CALTECH101_FOLDERS, MTIL_ORDER_I
+
+    root = tmp_path / "data"
+    for name in MTIL_ORDER_I:  # every class populated: a class without images is then a planted problem
+        make_fake_dataset(name, root, classes=range(get_dataset(name).num_classes), per_class=1)
+    (root / "ref").mkdir()
+    for i in range(4):
+        (root / "ref" / f"{i}.png").write_bytes(png_bytes(i, 8))
+    planted = [root / "dtd" / "dtd" / "images" / "blotchy" / "blotchy_test_0000.jpg",  # DTD test: text bytes
+               root / "food-101" / "images" / "apple_pie" / "train0.jpg",                # Food train: truncated
+               root / "ref" / "2.png"]                                                    # reference: empty
+    assert all(p.exists() for p in planted), [p for p in planted if not p.exists()]
+    planted[0].write_bytes(b"not a jpeg")
+    planted[1].write_bytes(planted[1].read_bytes()[:40])
+    planted[2].write_bytes(b"")
+    shutil.rmtree(root / "caltech101" / "101_ObjectCategories" / CALTECH101_FOLDERS[5])  # airplanes
+    code = main(["--config", "benchmark/mtil_order1", "--config", "method/zscl", "--data-root", str(root),
+                 "--workers", "1", "--no-progress", "--json", str(tmp_path / "report.json"),
+                 "--data.reference_images.source", "folder", "--data.reference_images.path", "ref"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    unreadable = sorted(path for s in report["splits"] for path, _ in s["unreadable"])
+    assert unreadable == sorted(map(str, planted)), out
+    missing = {s["dataset"]: s["missing_classes"] for s in report["splits"] if s["missing_classes"]}
+    assert missing == {"Caltech101": [get_dataset("Caltech101").classnames[5]]}, out
+    assert not any(s["missing"] for s in report["splits"])
+    assert {s["dataset"] for s in report["splits"]} >= set(MTIL_ORDER_I)
+    assert sum(s["converted"].get("L", 0) for s in report["splits"] if s["dataset"] == "Caltech101") == 2
+    assert out.strip().splitlines()[-1].startswith("check-data: PROBLEMS: 3 unreadable image(s), 1 class(es)")

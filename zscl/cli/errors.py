@@ -43,18 +43,16 @@ def report_errors(prog: str) -> Iterator[Status]:
 
 # torch re-raises a worker's exception as "Caught <Type> in DataLoader worker process <n>.\nOriginal
 # Traceback ...", the worker's whole traceback in the message; the user gets its last line.
-_WORKER = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)")
+_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+")
 
 
 def one_line(err: BaseException) -> str:
     """The message of ``err``; for a DataLoader worker's exception, the original exception's message."""
     text = str(err)
-    worker = _WORKER.match(text)
-    if worker is None:
+    if not _WORKER.match(text):
         return text
     last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
-    body = last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
-    return f"{body} (in data-loader worker {worker.group(2)})"
+    return last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
 
 
 def _print(prog: str, err: BaseException) -> None:

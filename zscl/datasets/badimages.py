@@ -164,7 +164,8 @@ class ReportingLoader:
     It files the records into ``log`` and yields the batches. ``state_dict``/``load_state_dict``
     make Lightning treat the loader as resumable, which it is by construction: the stream starts
     at ``trainer.global_step`` (restored before the loader is built), so the only state worth
-    saving is the log of unreadable images met so far.
+    saving is the log of unreadable images met so far. (A webdataset reference stream restarts
+    its seeded shard sampling instead: resumable, but not bit-identical to an uninterrupted run.)
     """
 
     def __init__(self, loader: DataLoader, log: BadImageLog, stream: str) -> None:
