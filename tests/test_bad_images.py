@@ -356,3 +356,32 @@ def test_check_data_on_a_fake_mtil_tree_finds_exactly_the_planted_problems(tmp_p
     assert {s["dataset"] for s in report["splits"]} >= set(MTIL_ORDER_I)
     assert sum(s["converted"].get("L", 0) for s in report["splits"] if s["dataset"] == "Caltech101") == 2
     assert out.strip().splitlines()[-1].startswith("check-data: PROBLEMS: 3 unreadable image(s), 1 class(es)")
+
+
+def test_eval_cache_leaves_unreadable_images_out_and_rebuilds_once_they_are_repaired(tmp_path):
+    from torchvision import transforms as T
+
+    from zscl.datasets import CustomDataset, UnreadableTestImagesError, register_custom
+    from zscl.evaluation.cache import cached_dataset
+    from zscl.evaluation.zeroshot import dataset_batches
+
+    for split, n in (("train", 2), ("test", 6)):
+        for i in range(n):
+            folder = tmp_path / "data" / "few" / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    broken = tmp_path / "data" / "few" / "test" / "c1" / "3.png"
+    good = broken.read_bytes()
+    broken.write_bytes(b"")
+    register_custom(CustomDataset("FewImages", "imagefolder", "few"), data_root=tmp_path / "data")
+    tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    args = ("FewImages", str(tmp_path / "data"), tf)
+    with pytest.raises(UnreadableTestImagesError, match=f"1 unreadable test image.*{broken}"):
+        dataset_batches(*args, cache_dir=str(tmp_path / "cache"), progress=False)
+    for cache in (True, False):
+        loader, _, _ = dataset_batches(*args, cache=cache, cache_dir=str(tmp_path / "cache"), progress=False, allow_bad=True)
+        assert [p for p, _ in loader.dataset.excluded] == [str(broken)]
+        assert sum(len(y) for _, y in loader) == 5
+    broken.write_bytes(good)  # repaired: the cache is rebuilt with it
+    cached, _, _ = cached_dataset("FewImages", "test", tmp_path / "data", tf, tmp_path / "cache", progress=False)
+    assert len(cached) == 6 and cached.excluded == []

@@ -203,6 +203,7 @@ def evaluate_dataset(
     cache: bool = True,
     cache_dir: str | None = None,
     progress: bool = True,
+    allow_bad: bool = False,
 ) -> tuple[Accuracy, int]:
     """Zero-shot accuracy of ``bundle`` (a :class:`zscl.models.ClipBundle`) on one registered dataset.
 
@@ -215,7 +216,7 @@ def evaluate_dataset(
                                   device=device, amp_dtype=amp_dtype)
     loader, mean, std = dataset_batches(spec.name, data_root, bundle.test_transform, split=split,
                                         batch_size=batch_size, num_workers=num_workers, cache=cache,
-                                        cache_dir=cache_dir, progress=progress)
+                                        cache_dir=cache_dir, progress=progress, allow_bad=allow_bad)
     acc = evaluate(bundle.model, classifier, loader, device=device, mean=mean, std=std, amp_dtype=amp_dtype,
                    progress=progress, desc=f"eval {spec.name}", total=len(loader.dataset))
     return acc, spec.num_classes
