@@ -63,7 +63,8 @@ def test_unreadable_samples_are_replaced_by_the_next_readable_one_of_the_stream(
     n, bad, batch, seed = 10, {2, 5, 6}, 4, 3
     stream = StepBatchStream(FakeImages(n, bad), batch, seed=seed, skip_unreadable=True)
     # The stream's order, written independently: epoch e is randperm(n) seeded with mix_seed(seed, e).
-    order = [int(i) for e in range(4) for i in torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, e)))]
+    perm = lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, e))).tolist()  # noqa: E731
+    order = [i for e in range(4) for i in perm(e)]
     for step in range(6):
         x, y = stream.batch(step)
         for k, p in enumerate(range(step * batch, (step + 1) * batch)):
@@ -287,33 +288,35 @@ def test_a_corrupt_test_image_stops_the_run_before_training_unless_allowed(tmp_p
     assert "unreadable test images excluded (--allow-bad-test-images): TinyColors 1" in capsys.readouterr().out
 
 
-def test_an_eval_cache_killed_mid_build_is_never_read_as_complete(tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def build_eval_cache(data: str, cache: str, name: str = "ManyImages"):
+    """The uint8 evaluation cache of the imagefolder dataset ``data/many`` (also run in a subprocess)."""
     from torchvision import transforms as T
 
     from zscl.datasets import CustomDataset, register_custom
     from zscl.evaluation.cache import cached_dataset
 
+    register_custom(CustomDataset(name, "imagefolder", "many"), data_root=data)
+    tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return cached_dataset(name, "test", data, tf, cache, progress=False)[0]
+
+
+def test_an_eval_cache_killed_mid_build_is_never_read_as_complete(tmp_path):
+    import os
+    import subprocess
+    import sys
+
     for i in range(150):  # three batches of the cache builder's 64
         folder = tmp_path / "data" / "many" / ("train" if i < 10 else "test") / f"c{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    setup = (f"from zscl.datasets import CustomDataset, register_custom; from torchvision import transforms as T; "
-             f"from zscl.evaluation.cache import cached_dataset; "
-             f"register_custom(CustomDataset('ManyImages', 'imagefolder', 'many'), data_root={str(tmp_path / 'data')!r}); "
-             f"tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]); "
-             f"cached_dataset('ManyImages', 'test', {str(tmp_path / 'data')!r}, tf, {str(tmp_path / 'cache')!r}, progress=False)")
-    env = {**os.environ, "ZSCL_KILL_AT": "eval-cache-fill"}
-    proc = subprocess.run([sys.executable, "-c", setup], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed after the first batch
+    data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    build = f"from tests.test_bad_images import build_eval_cache; build_eval_cache({data!r}, {cache!r})"
+    env = {**os.environ, "ZSCL_KILL_AT": "eval-cache-fill"}  # SIGKILL after the first of three batches
+    proc = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
     leftovers = [p.name for p in (tmp_path / "cache").iterdir()]
     assert leftovers and all(name.endswith(".tmp") for name in leftovers), leftovers
-    register_custom(CustomDataset("ManyImages", "imagefolder", "many"), data_root=tmp_path / "data")
-    tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    cached, _, _ = cached_dataset("ManyImages", "test", tmp_path / "data", tf, tmp_path / "cache", progress=False)
+    cached = build_eval_cache(data, cache)
     values = sorted(int(cached[i][0][0, 0, 0]) for i in range(len(cached)))
     assert values == list(range(10, 150)), "the rebuilt cache holds every test image exactly once"
 
@@ -379,7 +382,8 @@ def test_eval_cache_leaves_unreadable_images_out_and_rebuilds_once_they_are_repa
     with pytest.raises(UnreadableTestImagesError, match=f"1 unreadable test image.*{broken}"):
         dataset_batches(*args, cache_dir=str(tmp_path / "cache"), progress=False)
     for cache in (True, False):
-        loader, _, _ = dataset_batches(*args, cache=cache, cache_dir=str(tmp_path / "cache"), progress=False, allow_bad=True)
+        loader, _, _ = dataset_batches(*args, cache=cache, cache_dir=str(tmp_path / "cache"), progress=False,
+                                       allow_bad=True)
         assert [p for p, _ in loader.dataset.excluded] == [str(broken)]
         assert sum(len(y) for _, y in loader) == 5
     broken.write_bytes(good)  # repaired: the cache is rebuilt with it

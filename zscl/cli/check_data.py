@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zscl check-data", description=__doc__.strip().splitlines()[0])
     p.add_argument("-c", "--config", action="append", required=True,
                    help="benchmark, method or task config, as for zscl sequence (repeatable)")
-    p.add_argument("--data-root", default=None, help="folder holding the datasets (default: the configs' data.data_root)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the datasets (default: the configs' data.data_root)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     p.add_argument("--sample", type=int, default=10000,
                    help="reference pools larger than this are checked on a random sample of this many images (0: all)")
@@ -59,7 +60,7 @@ def run_check(cfg: Any, *, reference: bool, workers: int = 1, sample: int = 1000
     if d.custom_datasets:
         load_custom_datasets(d.custom_datasets, data_root=d.data_root)
     tasks = [task_dataset(t) for t in cfg.benchmark.tasks] or [d.dataset]
-    evals = list(cfg.benchmark.eval_datasets or d.eval_datasets or tasks) if cfg.benchmark.tasks else list(d.eval_datasets or tasks)
+    evals = list((cfg.benchmark.eval_datasets if cfg.benchmark.tasks else d.eval_datasets) or tasks)
     reports = check_datasets(tasks, evals, d.data_root, workers, progress)
     if reference:
         images = ReferenceImages(**vars(d.reference_images)) if d.reference_images else ReferenceImages()

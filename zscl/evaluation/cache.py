@@ -6,8 +6,9 @@ memory map. Scaling and normalisation run on the device, batched:
 ``(x / 255 - mean) / std`` in float32 is bit-identical to ``ToTensor()`` + ``Normalize()``.
 
 Layout: ``<cache_dir>/<Dataset>-<split>-<key>.npy`` (N x 3 x H x W uint8) with
-``...labels.npy`` and ``...excluded.json`` (unreadable images left out) beside it; ``key`` hashes the data root, the geometric transform and the
-format version, so a changed transform or data folder never reuses stale pixels.
+``...labels.npy`` and ``...excluded.json`` (unreadable images left out) beside it; ``key``
+hashes the data root, the geometric transform and the format version, so a changed transform
+or data folder never reuses stale pixels.
 """
 
 from __future__ import annotations

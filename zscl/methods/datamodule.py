@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import replace
 from typing import Any, Literal, Optional, Union
@@ -26,7 +27,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from zscl.datasets.badimages import BadImageLog, SafeImages, UnreadableImageError, reporting_loader
+from zscl.datasets.badimages import (
+    BadImageLog,
+    SafeImages,
+    UnreadableImageError,
+    UnreadableTestImagesError,
+    reporting_loader,
+)
 from zscl.datasets.streams import StepBatchStream
 from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
 
@@ -132,17 +139,20 @@ class ContinualDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.lightning_module.needs_reference:
             self.check_reference()
+        self.check_test_images()  # every rank: before any training or evaluation starts
 
     def train_dataloader(self) -> CombinedLoader:
         from zscl.datasets import build_dataset
 
         rank, world = self._rank()
         step = self.trainer.global_step if self.trainer is not None else 0
-        task = SafeImages(build_dataset(self.spec.name, self.data_root, "train", self._uint8(self._bundle.train_transform)))
+        transform = self._uint8(self._bundle.train_transform)
+        task = SafeImages(build_dataset(self.spec.name, self.data_root, "train", transform))
         pin = torch.cuda.is_available()
         stream = StepBatchStream(task, self.batch_size, seed=self.seed, start_step=step, rank=rank, world_size=world,
                                  skip_unreadable=self.skip_bad)
-        loaders = {"task": reporting_loader(stream, stream.unreadable, self.bad_images, "training", self.num_workers, pin)}
+        loaders = {"task": reporting_loader(stream, stream.unreadable, self.bad_images, "training",
+                                            self.num_workers, pin)}
         if self.trainer.lightning_module.needs_reference:
             loaders["ref"] = self._reference_loader(step, rank, world, pin)
         return CombinedLoader(loaders, mode="max_size_cycle")
@@ -179,12 +189,15 @@ class ContinualDataModule(L.LightningDataModule):
             print(line, file=sys.stderr, flush=True)
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: build the evaluation caches there once,
-        # and refuse unreadable test images of every evaluation dataset at once, before training.
-        from zscl.datasets.badimages import UnreadableTestImagesError
+        # Lightning calls this on one process per node: build the evaluation caches there once.
+        if self.eval_cache and self.trainer is not None:
+            for name in self.eval_names:
+                with contextlib.suppress(UnreadableTestImagesError):  # raised in setup, on every rank
+                    self._eval_loader(name, rank=0, world=1)
 
-        if self.trainer is None:
-            return
+    def check_test_images(self) -> None:
+        """Fail with every unreadable test image of every evaluation dataset in one message, unless
+        ``allow_bad_test_images`` (then they are left out and listed in ``excluded_test_images``)."""
         found: dict[str, list] = {}
         for name in self.eval_names:
             try:
