@@ -337,6 +337,10 @@ def test_check_data_on_a_fake_mtil_tree_finds_exactly_the_planted_problems(tmp_p
     (root / "ref").mkdir()
     for i in range(4):
         (root / "ref" / f"{i}.png").write_bytes(png_bytes(i, 8))
+    args = ["--config", "benchmark/mtil_order1", "--config", "method/zscl", "--data-root", str(root), "--workers", "1",
+            "--no-progress", "--data.reference_images.source", "folder", "--data.reference_images.path", "ref"]
+    assert main(args) == 0, "the fake tree is clean before the problems are planted"
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("check-data: OK")
     planted = [root / "dtd" / "dtd" / "images" / "blotchy" / "blotchy_test_0000.jpg",  # DTD test: text bytes
                root / "food-101" / "images" / "apple_pie" / "train0.jpg",                # Food train: truncated
                root / "ref" / "2.png"]                                                    # reference: empty
@@ -345,9 +349,7 @@ def test_check_data_on_a_fake_mtil_tree_finds_exactly_the_planted_problems(tmp_p
     planted[1].write_bytes(planted[1].read_bytes()[:40])
     planted[2].write_bytes(b"")
     shutil.rmtree(root / "caltech101" / "101_ObjectCategories" / CALTECH101_FOLDERS[5])  # airplanes
-    code = main(["--config", "benchmark/mtil_order1", "--config", "method/zscl", "--data-root", str(root),
-                 "--workers", "1", "--no-progress", "--json", str(tmp_path / "report.json"),
-                 "--data.reference_images.source", "folder", "--data.reference_images.path", "ref"])
+    code = main([*args, "--json", str(tmp_path / "report.json")])
     out = capsys.readouterr().out
     assert code == 2, out
     report = json.loads((tmp_path / "report.json").read_text())

@@ -53,12 +53,14 @@ def bad_image_flags(argv: list[str]) -> list[str]:
 
 
 def check_before_run(cfg, argv: list[str]) -> None:
-    """``zscl check-data`` on the run's data (rank 0 only: the other DDP ranks are started later)."""
+    """``zscl check-data`` on the run's data, in every process that was not started by Lightning's DDP
+    launcher (those start after the check passed in their parent; under torchrun or SLURM every rank
+    checks, so that all of them stop together)."""
     import os
 
     from zscl.cli.check_data import needs_reference, print_report, run_check
 
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+    if os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     reports = run_check(cfg, reference=needs_reference(cfg, configs), workers=max(1, cfg.data.num_workers),
