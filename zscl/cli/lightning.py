@@ -42,7 +42,9 @@ class ZSCLCLI(LightningCLI):
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero:
             for name, acc in self.model.eval_results.items():
-                print(f"zero-shot {name}: top-1 {acc.top1:.2f}  top-5 {acc.top5:.2f}  ({acc.n} images)")
+                left_out = len(self.datamodule.excluded_test_images.get(name, []))
+                note = f"; {left_out} unreadable excluded" if left_out else ""
+                print(f"zero-shot {name}: top-1 {acc.top1:.2f}  top-5 {acc.top5:.2f}  ({acc.n} images{note})")
 
 
 def _run(subcommand: str, argv: list[str]) -> int:
@@ -50,7 +52,7 @@ def _run(subcommand: str, argv: list[str]) -> int:
 
     from zscl.cli.errors import report_errors
     from zscl.cli.quiet import quiet_lightning
-    from zscl.cli.sequence import trainer_defaults
+    from zscl.cli.sequence import bad_image_flags, trainer_defaults
     from zscl.methods import ContinualCLIP, ContinualDataModule
     from zscl.runner.configs import resolve_config_args
     from zscl.runner.progress import TaskProgressBar
@@ -61,7 +63,7 @@ def _run(subcommand: str, argv: list[str]) -> int:
     quiet_lightning()
     with report_errors(f"zscl {subcommand}") as status:
         # LightningCLI reads sys.argv, which Lightning's DDP launcher also re-executes on the other ranks.
-        sys.argv = [sys.argv[0], subcommand, *resolve_config_args(argv)]
+        sys.argv = [sys.argv[0], subcommand, *resolve_config_args(bad_image_flags(argv))]
         ZSCLCLI(ContinualCLIP, ContinualDataModule, trainer_defaults=defaults, seed_everything_default=42,
                 save_config_kwargs={"overwrite": True})
     return status.code

@@ -4,6 +4,9 @@
 
 Configs deep-merge left to right; any key can be overridden after them (``--model.lr``,
 ``--data.data_root``, ``--trainer.devices 2 --trainer.strategy ddp``, ``--steps 100``).
+``--check-data`` runs ``zscl check-data`` on the run's data before the first task;
+``--allow-bad-test-images`` (``--data.allow_bad_test_images true``) excludes and counts
+unreadable test images instead of stopping.
 """
 
 from __future__ import annotations
@@ -43,6 +46,29 @@ def build_parser():
     return p
 
 
+def bad_image_flags(argv: list[str]) -> list[str]:
+    """``--allow-bad-test-images`` -> ``--data.allow_bad_test_images=true``; ``--check-data`` removed."""
+    flag = {"--allow-bad-test-images": ["--data.allow_bad_test_images=true"], "--check-data": []}
+    return [out for arg in argv for out in flag.get(arg, [arg])]
+
+
+def check_before_run(cfg, argv: list[str]) -> None:
+    """``zscl check-data`` on the run's data, in every process that was not started by Lightning's DDP
+    launcher (those start after the check passed in their parent; under torchrun or SLURM every rank
+    checks, so that all of them stop together)."""
+    import os
+
+    from zscl.cli.check_data import needs_reference, print_report, run_check
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    reports = run_check(cfg, reference=needs_reference(cfg, configs), workers=max(1, cfg.data.num_workers),
+                        progress=cfg.progress != "none")
+    if not print_report(reports):
+        raise ValueError("--check-data found problems in the data (listed above); nothing was run")
+
+
 def main(argv: list[str]) -> int:
     from zscl.cli.errors import report_errors
     from zscl.runner.configs import resolve_config_args
@@ -51,9 +77,12 @@ def main(argv: list[str]) -> int:
 
     quiet_lightning()
     with report_errors("zscl sequence") as status:
-        argv = resolve_config_args(argv)
+        check = "--check-data" in argv
+        argv = resolve_config_args(bad_image_flags(argv))
         parser = build_parser()
         cfg = parser.parse_args(argv)
+        if check:
+            check_before_run(cfg, argv)
         from zscl.runner.sequence import SequenceRunner
 
         SequenceRunner(parser, cfg).run()
