@@ -7,8 +7,8 @@ memory map. Scaling and normalisation run on the device, batched:
 
 Layout: ``<cache_dir>/<Dataset>-<split>-<key>.npy`` (N x 3 x H x W uint8) with
 ``...labels.npy`` and ``...excluded.json`` (unreadable images left out) beside it; ``key``
-hashes the data root, the geometric transform and the format version, so a changed transform
-or data folder never reuses stale pixels.
+hashes the data root, the geometric transform, the format version and the (path, size, mtime)
+of every source file, so a changed transform, data folder or file never reuses stale pixels.
 """
 
 from __future__ import annotations
@@ -226,9 +226,14 @@ def cached_dataset(
     """Build (once) and open the uint8 cache of ``name``'s ``split``; returns it with (mean, std)."""
     from zscl.datasets import build_dataset
 
+    from zscl.datasets.common import source_fingerprint
+
     uint8_tf, mean, std = split_normalize(test_transform)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = cache_dir / f"{name}-{split}-{cache_key(name, split, Path(data_root).resolve(), repr(uint8_tf))}"
-    images = materialize(lambda: build_dataset(name, data_root, split, uint8_tf), stem, num_workers, progress,
+    # Listing the files is cheap next to decoding them, and their (size, mtime) in the key means a
+    # dataset regenerated or replaced in the same folder never reads the old pixels.
+    dataset = build_dataset(name, data_root, split, uint8_tf)
+    key = cache_key(name, split, Path(data_root).resolve(), repr(uint8_tf), source_fingerprint(dataset))
+    images = materialize(lambda: dataset, cache_dir / f"{name}-{split}-{key}", num_workers, progress,
                          f"caching {name}/{split}")
     return images, mean, std

@@ -124,8 +124,10 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     from zscl.evaluation.cache import cache_key, default_cache_dir, materialize
 
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    from zscl.datasets.common import source_fingerprint
+
     key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit,
-                    len(dataset), repr(transform))
+                    len(dataset), repr(transform), source_fingerprint(dataset))
     return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
 
 
