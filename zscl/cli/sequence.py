@@ -9,6 +9,7 @@ Configs deep-merge left to right; any key can be overridden after them (``--mode
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from jsonargparse import ActionConfigFile
 
@@ -22,11 +23,13 @@ def trainer_defaults() -> dict:
             "max_steps": 1000, "log_every_n_steps": 10}
 
 
-def build_parser():
+def build_parser(argv: Optional[list[str]] = None):
+    """The parser; its ``model:`` schema is that of the ``model_class`` chosen in ``argv`` (default ContinualCLIP)."""
     import lightning as L
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from zscl.methods import ContinualCLIP, ContinualDataModule
+    from zscl.methods import ContinualDataModule
+    from zscl.methods.classes import DEFAULT, model_class, model_class_from_args
     from zscl.runner.configs import Benchmark
     from zscl.runner.sequence import Continual, RunOptions
 
@@ -36,7 +39,9 @@ def build_parser():
     p.add_class_arguments(RunOptions, None)
     p.add_class_arguments(Benchmark, "benchmark")
     p.add_class_arguments(Continual, "continual")
-    p.add_lightning_class_args(ContinualCLIP, "model")
+    name = model_class_from_args(argv or [])
+    p.add_argument("--model_class", type=str, default=DEFAULT, help="LightningModule of the method (methods.classes)")
+    p.add_lightning_class_args(model_class(name), "model")
     p.add_lightning_class_args(ContinualDataModule, "data")
     p.add_lightning_class_args(L.Trainer, "trainer")
     p.set_defaults({f"trainer.{k}": v for k, v in trainer_defaults().items()})
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> int:
     quiet_lightning()
     with report_errors("zscl sequence") as status:
         argv = resolve_config_args(argv)
-        parser = build_parser()
+        parser = build_parser(argv)
         cfg = parser.parse_args(argv)
         from zscl.runner.sequence import SequenceRunner
 
