@@ -79,7 +79,7 @@ class AutoEncoderBank(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.autoencoders = nn.ModuleList(AutoEncoder(features, cfg.hidden) for _ in range(num_tasks))
-        self.register_buffer("thresholds", torch.full((num_tasks,), float("inf")))
+        self.register_buffer("thresholds", torch.zeros(num_tasks))  # set when each task ends
         self.register_buffer("calibration", torch.zeros(cfg.calibration_size))
         self.register_buffer("calibration_seen", torch.zeros((), dtype=torch.long))
 
@@ -110,7 +110,7 @@ class AutoEncoderBank(nn.Module):
         if self.cfg.threshold is not None:
             value = float(self.cfg.threshold)
         elif errors.numel() == 0:
-            value = float("inf")  # no calibration data (a task of 0 steps): never reject
+            value = float(torch.finfo(torch.float32).max)  # no calibration data (a task of 0 steps): never reject
         else:
             value = float(torch.quantile(errors.float(), self.cfg.threshold_quantile)) * self.cfg.threshold_scale
         self.thresholds[task] = value

@@ -121,7 +121,8 @@ class MoEAdapterCLIP(ContinualCLIP):
         self.moe.recording = False
         images = normalize_images(batch["task"][0], self.bundle.mean, self.bundle.std)
         feats = self._ddas_features(images)
-        calibrate = self.global_step >= (1 - self.ddas_cfg.calibration_fraction) * self.trainer.max_steps
+        steps = self.trainer.max_steps
+        calibrate = self.global_step >= min(int((1 - self.ddas_cfg.calibration_fraction) * steps), steps - 1)
         ae = self.ddas.training_loss(feats, self.task, calibrate)
         every = max(int(self.trainer.log_every_n_steps), 1)
         if (self.global_step + 1) % every == 0:
