@@ -51,7 +51,8 @@ def test_initial_adapters_leave_the_plain_clip_bit_identical(one_thread, arch):
 def test_every_block_of_both_towers_of_the_paper_architectures_is_adapted(arch, blocks, widths):
     import open_clip
 
-    clip = open_clip.create_model(arch, device="meta")  # shapes only: no weights are allocated
+    with torch.device("meta"):  # shapes only: no weights are allocated or initialised
+        clip = open_clip.create_model(arch, device="meta")
     moe = MoEAdapters(clip, MoEConfig(), num_tasks=11)
     assert len(moe.blocks) == blocks and {int(b.routers[0].shape[0]) for b in moe.blocks} == widths
     assert all(len(b.routers) == 11 and b.routers[0].shape[1] == 22 and len(b.down) == 22 for b in moe.blocks)

@@ -59,20 +59,20 @@ class MoEConfig:
 class BlockExperts(nn.Module):
     """The experts, routers and bookkeeping of one residual block."""
 
-    def __init__(self, width: int, cfg: MoEConfig, num_tasks: int) -> None:
+    def __init__(self, width: int, cfg: MoEConfig, num_tasks: int, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.down = nn.ModuleList(nn.Linear(width, cfg.bottleneck) for _ in range(cfg.num_experts))
-        self.up = nn.ModuleList(nn.Linear(cfg.bottleneck, width) for _ in range(cfg.num_experts))
+        self.down = nn.ModuleList(nn.Linear(width, cfg.bottleneck, device=device) for _ in range(cfg.num_experts))
+        self.up = nn.ModuleList(nn.Linear(cfg.bottleneck, width, device=device) for _ in range(cfg.num_experts))
         for down, up in zip(self.down, self.up):
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             nn.init.zeros_(down.bias)
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
-        self.routers = nn.ParameterList(torch.zeros(width, cfg.num_experts) for _ in range(num_tasks))
-        self.noise = nn.ParameterList(torch.zeros(width, cfg.num_experts) for _ in range(num_tasks))
-        self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool))
-        self.register_buffer("usage", torch.zeros(cfg.num_experts, dtype=torch.long))
+        self.routers = nn.ParameterList(torch.zeros(width, cfg.num_experts, device=device) for _ in range(num_tasks))
+        self.noise = nn.ParameterList(torch.zeros(width, cfg.num_experts, device=device) for _ in range(num_tasks))
+        self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool, device=device))
+        self.register_buffer("usage", torch.zeros(cfg.num_experts, dtype=torch.long, device=device))
 
     def gates(self, x0: torch.Tensor, routes: Union[int, torch.Tensor], noisy: bool,
               generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +145,9 @@ class MoEAdapters(nn.Module):
         self.cfg, self.num_tasks = cfg, num_tasks
         found = adapted_blocks(clip, tuple(cfg.towers))
         self.names = [name for name, _, _ in found]
-        self.blocks = nn.ModuleList(BlockExperts(_width(block), cfg, num_tasks) for _, block, _ in found)
+        # on the CLIP's device (a meta-device CLIP gets meta adapters: shapes without memory)
+        self.blocks = nn.ModuleList(BlockExperts(_width(block), cfg, num_tasks, block.ln_2.weight.device)
+                                    for _, block, _ in found)
         self.routes: Routes = None
         self.recording = False  # count expert selections (for activate-freeze)
         self.generator: Optional[torch.Generator] = None
