@@ -24,7 +24,8 @@ task's router for every sample; a LongTensor [B] = per-sample task, ``-1`` = ada
 
 Deviations from the reference (same maths): the experts of a block run as two batched matmuls
 over the gathered top-k expert weights instead of a dispatcher; the gate scales the hidden
-activation before the up-projection; the training noise and dropout draw from a generator seeded
+activation before the up-projection; the experts of a block are stacked tensors (row e = expert e)
+and activate-freeze detaches the frozen rows instead of setting ``requires_grad=False``; the training noise and dropout draw from a generator seeded
 per step (:meth:`MoEAdapters.seed_step`), so a resumed run is bit-identical.
 """
 
@@ -62,17 +63,27 @@ class BlockExperts(nn.Module):
     def __init__(self, width: int, cfg: MoEConfig, num_tasks: int, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.down = nn.ModuleList(nn.Linear(width, cfg.bottleneck, device=device) for _ in range(cfg.num_experts))
-        self.up = nn.ModuleList(nn.Linear(cfg.bottleneck, width, device=device) for _ in range(cfg.num_experts))
-        for down, up in zip(self.down, self.up):
-            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-            nn.init.zeros_(down.bias)
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
+        e, r = cfg.num_experts, cfg.bottleneck
+        # Expert e's Linear(d, r) and Linear(r, d) are row e of these stacked tensors (nn.Linear layout).
+        self.down_weight = nn.Parameter(torch.empty(e, r, width, device=device))
+        self.down_bias = nn.Parameter(torch.zeros(e, r, device=device))
+        self.up_weight = nn.Parameter(torch.zeros(e, width, r, device=device))
+        self.up_bias = nn.Parameter(torch.zeros(e, width, device=device))
+        for i in range(e):
+            nn.init.kaiming_uniform_(self.down_weight.data[i], a=math.sqrt(5))
         self.routers = nn.ParameterList(torch.zeros(width, cfg.num_experts, device=device) for _ in range(num_tasks))
         self.noise = nn.ParameterList(torch.zeros(width, cfg.num_experts, device=device) for _ in range(num_tasks))
         self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool, device=device))
         self.register_buffer("usage", torch.zeros(cfg.num_experts, dtype=torch.long, device=device))
+
+    def expert_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.down_weight, self.down_bias, self.up_weight, self.up_bias
+
+    def _unfrozen(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` with the frozen experts' rows detached: they get exactly zero gradient (activate-freeze)."""
+        if not p.requires_grad:  # no host sync on frozen.any(): the where is cheap
+            return p
+        return torch.where(self.frozen.view(-1, *[1] * (p.dim() - 1)), p.detach(), p)
 
     def gates(self, x0: torch.Tensor, routes: Union[int, torch.Tensor], noisy: bool,
               generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +109,8 @@ class BlockExperts(nn.Module):
         """``sum_k g_k A_{idx_k}(x)`` for batch-first ``x`` [B, L, d]."""
         b, k, r = idx.shape[0], idx.shape[1], self.cfg.bottleneck
         dtype = x.dtype
-        w_down = torch.stack([m.weight for m in self.down]).to(dtype)[idx]  # [B, k, r, d]
-        b_down = torch.stack([m.bias for m in self.down]).to(dtype)[idx]  # [B, k, r]
-        w_up = torch.stack([m.weight for m in self.up]).to(dtype)[idx]  # [B, k, d, r]
-        b_up = torch.stack([m.bias for m in self.up]).to(dtype)[idx]  # [B, k, d]
+        w_down, b_down, w_up, b_up = (self._unfrozen(p).to(dtype)[idx] for p in self.expert_parameters())
+        # w_down [B, k, r, d], b_down [B, k, r], w_up [B, k, d, r], b_up [B, k, d]
         h = torch.bmm(x, w_down.flatten(1, 2).transpose(1, 2)) + b_down.flatten(1, 2)[:, None]  # [B, L, k r]
         h = F.relu(h)
         p = self.cfg.dropout
@@ -209,19 +218,20 @@ class MoEAdapters(nn.Module):
 
     # ------------------------------------------------------------------ task bookkeeping
     def set_trainable(self, task: int) -> list[tuple[str, nn.Parameter]]:
-        """``requires_grad`` on task ``task``'s router and noise and on the unfrozen experts; the rest frozen."""
+        """``requires_grad`` on task ``task``'s router and noise and on the experts; the rest frozen.
+
+        Frozen experts are rows of the expert tensors: they are detached in the forward, so their
+        gradient is exactly zero and (with weight decay 0 and fresh Adam moments) they never move.
+        """
         self.requires_grad_(False)
         chosen = []
         for i, block in enumerate(self.blocks):
             block.routers[task].requires_grad_(True)
             block.noise[task].requires_grad_(True)
             chosen += [(f"blocks.{i}.routers.{task}", block.routers[task]), (f"blocks.{i}.noise.{task}", block.noise[task])]
-            for e in range(self.cfg.num_experts):
-                if not bool(block.frozen[e]):
-                    for part in ("down", "up"):
-                        for pname, p in getattr(block, part)[e].named_parameters():
-                            p.requires_grad_(True)
-                            chosen.append((f"blocks.{i}.{part}.{e}.{pname}", p))
+            for pname in ("down_weight", "down_bias", "up_weight", "up_bias"):
+                param = getattr(block, pname).requires_grad_(True)  # frozen rows are detached in forward
+                chosen.append((f"blocks.{i}.{pname}", param))
         return chosen
 
     def freeze_most_used(self) -> None:

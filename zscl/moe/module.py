@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from zscl.datasets.streams import mix_seed
 from zscl.evaluation.cache import normalize_images
 from zscl.evaluation.zeroshot import build_classifier, topk_correct
+from zscl.methods.config import resolve_auto
 from zscl.methods.losses import cosine_warmup_factor
 from zscl.methods.module import ContinualCLIP
 from zscl.moe.adapters import MoEAdapters, MoEConfig
@@ -81,6 +82,9 @@ class MoEAdapterCLIP(ContinualCLIP):
         if self.distill.active or h.weight_constraint > 0 or self.averaging:
             raise ValueError("moe_adapters trains adapters on a frozen CLIP: model.distill, model.weight_constraint "
                              "and model.averaging must be off")
+        if h.weight_decay > 0 and self.moe_cfg.freeze_top > 0:
+            raise ValueError("moe_adapters: model.weight_decay must be 0 (the reference's value): decoupled decay "
+                             "would move the frozen experts")
 
     def _feature_dim(self) -> int:
         size = self.bundle.image_size
@@ -102,7 +106,8 @@ class MoEAdapterCLIP(ContinualCLIP):
         # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference.
         groups = [{"params": adapters, "lr": h.lr, "weight_decay": h.weight_decay},
                   {"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, betas=tuple(h.betas))
+        fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
+        opt = torch.optim.AdamW(groups, betas=tuple(h.betas), fused=fused or None)
         warmup = h.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: cosine_warmup_factor(k, steps, warmup), lambda k: 1.0])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
