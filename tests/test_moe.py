@@ -265,6 +265,17 @@ def test_sequence_end_to_end_and_sigkill_resume_is_bit_identical(tmp_path):
     for name in ("01-TinyStripes.safetensors", "01-TinyStripes.moe.safetensors"):
         a, b = (load_file(str(tmp_path / d / "checkpoints" / name)) for d in ("ref", "killed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+    # `zscl eval` rebuilds the routed model from the export and reproduces the runner's last row
+    from zscl.cli.eval import main as eval_main
+
+    report = tmp_path / "eval.json"
+    assert eval_main(["--model", "zscl-tiny-vit", "--pretrained", str(tmp_path / "ref" / "checkpoints" / "01-TinyStripes.safetensors"),
+                      "--datasets", "TinyColors,TinyStripes", "--custom-datasets", str(tmp_path / "tiny" / "datasets.yaml"),
+                      "--data-root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0",
+                      "--progress", "false", "--json", str(report)]) == 0
+    evaluated = json.loads(report.read_text())["results"]
+    assert [evaluated[n]["top1"] for n in ("TinyColors", "TinyStripes")] == ref["accuracy"][-1]
+    assert evaluated["TinyColors"]["routed"][1] >= 0.9 and evaluated["TinyStripes"]["routed"][2] >= 0.9, evaluated
     first = load_file(str(tmp_path / "ref" / "checkpoints" / "00-TinyColors.moe.safetensors"))
     second = load_file(str(tmp_path / "ref" / "checkpoints" / "01-TinyStripes.moe.safetensors"))
     assert "moe.blocks.0.routers.1" in second and "moe.blocks.0.routers.1" not in first

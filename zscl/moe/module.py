@@ -60,7 +60,8 @@ class MoEAdapterCLIP(ContinualCLIP):
         self.speed.compile = False
         self.hparams["moe"], self.hparams["ddas"] = asdict(self.moe_cfg), asdict(self.ddas_cfg)
         self.hparams["speed"] = asdict(self.speed)
-        prior = find_export(self.hparams.init_from)
+        # the previous task's adapters; an export given as `pretrained` (no init_from) also carries them
+        prior = find_export(self.hparams.init_from) or (None if self.hparams.init_from else find_export(self.hparams.pretrained))
         state, done = read_moe(prior)[:2] if prior else ({}, 0)
         self.task = done  # this module trains task `done` (0-based)
         self.clip.requires_grad_(False)
@@ -180,9 +181,12 @@ class MoEAdapterCLIP(ContinualCLIP):
         return select_routes(errors, self.ddas.thresholds[:tasks], self.ddas_cfg.decision)
 
     def on_validation_epoch_start(self) -> None:
+        self.start_evaluation(list(self.trainer.datamodule.eval_names))
+
+    def start_evaluation(self, names: list[str]) -> None:
+        """Reset the counters of :meth:`validation_step` for ``names`` (dataloader i = ``names[i]``)."""
         from zscl.datasets import get_dataset
 
-        names = list(self.trainer.datamodule.eval_names)
         self._eval_names, self._specs = names, [get_dataset(n) for n in names]
         self._classifiers: dict[tuple[int, int], torch.Tensor] = {}
         self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
