@@ -169,16 +169,18 @@ def test_next_task_loads_the_adapters_and_frozen_experts_get_no_gradient(first_t
 
 
 def test_routes_follow_the_autoencoders_and_untrained_tasks_never_take_part(first_task):
-    module, _, _ = first_task
-    module.eval()
+    _, _, path = first_task
+    module = _module(init_from=str(path)).eval()  # task 1's module: AE 0 trained, AE 1 not yet
+    assert int(module.tasks_done) == 1 and len(module.ddas.autoencoders) == 2
     images = torch.randn(5, 3, 32, 32)
-    module.tasks_done.fill_(0)
-    assert module.routes_for(images).tolist() == [-1] * 5, "no trained task: zero-shot CLIP"
-    module.tasks_done.fill_(1)
+    with torch.no_grad():  # make the untrained AE 1 the better reconstructor: it must still not take part
+        module.ddas.autoencoders[0].decoder.bias.fill_(-30.0)
     module.ddas.thresholds[0] = torch.finfo(torch.float32).max
     assert module.routes_for(images).tolist() == [0] * 5
     module.ddas.thresholds[0] = 0.0
     assert module.routes_for(images).tolist() == [-1] * 5
+    module.tasks_done.fill_(0)
+    assert module.routes_for(images).tolist() == [-1] * 5, "no trained task: zero-shot CLIP"
     errors = torch.tensor([[0.1, 0.3], [0.5, 0.2], [0.9, 0.8]])
     assert select_routes(errors, torch.tensor([0.4, 0.4])).tolist() == [0, 1, -1]
     assert select_routes(errors, torch.tensor([0.6, 0.6]), "batch").tolist() == [1, 1, 1]  # means 0.5, 0.43
