@@ -83,6 +83,9 @@ class MoEAdapterCLIP(ContinualCLIP):
         if self.distill.active or h.weight_constraint > 0 or self.averaging:
             raise ValueError("moe_adapters trains adapters on a frozen CLIP: model.distill, model.weight_constraint "
                              "and model.averaging must be off")
+        if h.train_mode != "whole":
+            raise ValueError("moe_adapters: model.train_mode must be 'whole'; choose the adapted towers with "
+                             "model.moe.towers (e.g. [image])")
         if h.weight_decay > 0 and self.moe_cfg.freeze_top > 0:
             raise ValueError("moe_adapters: model.weight_decay must be 0 (the reference's value): decoupled decay "
                              "would move the frozen experts")
