@@ -152,6 +152,10 @@ def test_next_task_loads_the_adapters_and_frozen_experts_get_no_gradient(first_t
     assert all(len(v) == 2 for v in frozen.values()), "top-2 most-used experts frozen in every block"
     nxt = _module(init_from=str(path))
     assert nxt.task == 1 and len(nxt.moe.blocks[0].routers) == 2
+    trainable = {n for n, p in nxt.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("ddas.")} == {f"ddas.autoencoders.1.{n}" for n, _ in
+                                                                nxt.ddas.autoencoders[1].named_parameters()}
+    assert not any(".routers.0" in n or ".noise.0" in n for n in trainable), "task 0's router is final"
     assert torch.equal(nxt.moe.blocks[0].routers[0], module.moe.blocks[0].routers[0])
     grads = {}
     nxt.on_after_backward = lambda: grads.update({n: p.grad for n, p in nxt.moe.named_parameters()})

@@ -72,7 +72,9 @@ class MoEAdapterCLIP(ContinualCLIP):
             load_moe(state, self.moe, self.ddas)
         self.register_buffer("tasks_done", torch.tensor(done))
         self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(done)]
-        self.trainable += [(f"ddas.autoencoders.{done}.{n}", p) for n, p in self.ddas.autoencoders[done].named_parameters()]
+        self.ddas.requires_grad_(False)  # earlier tasks' autoencoders are final
+        self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
+                           for n, p in self.ddas.autoencoders[done].named_parameters()]
         self._trainable_names = [n for n, _ in self.trainable]
         self.anchors = []  # no weight constraint: no task-start copy of the CLIP
         self._finished = False
