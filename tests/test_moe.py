@@ -157,9 +157,16 @@ def test_next_task_loads_the_adapters_and_frozen_experts_get_no_gradient(first_t
                                                                 nxt.ddas.autoencoders[1].named_parameters()}
     assert not any(".routers.0" in n or ".noise.0" in n for n in trainable), "task 0's router is final"
     assert torch.equal(nxt.moe.blocks[0].routers[0], module.moe.blocks[0].routers[0])
-    grads = {}
-    nxt.on_after_backward = lambda: grads.update({n: p.grad for n, p in nxt.moe.named_parameters()})
+    grads, unused = {}, set()
+
+    def record():
+        grads.update({n: p.grad for n, p in nxt.moe.named_parameters()})
+        # DDP (without find_unused_parameters) needs a gradient for every parameter that requires one
+        unused.update(n for n, p in nxt.named_parameters() if p.requires_grad and p.grad is None)
+
+    nxt.on_after_backward = record
     _fit(nxt, steps=2)
+    assert not unused, f"trainable but unused (DDP would fail): {sorted(unused)}"
     params = dict(nxt.moe.named_parameters())
     for i, experts in frozen.items():
         for e in range(4):
