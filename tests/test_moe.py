@@ -295,3 +295,15 @@ def test_sequence_end_to_end_and_sigkill_resume_is_bit_identical(tmp_path):
     frozen = first["moe.blocks.0.frozen"].nonzero().flatten().tolist()
     for e in frozen:  # activate-freeze end to end: task 0's chosen experts are untouched by task 1
         assert torch.equal(first["moe.blocks.0.up_weight"][e], second["moe.blocks.0.up_weight"][e])
+
+
+def test_bench_step_times_moe_adapters_beside_a_baseline(one_thread):
+    from zscl.bench.step import StepBench, run_step
+
+    r = run_step(StepBench(method="moe_adapters", baseline="finetune", rounds=2, batch=4, classes=3, steps=2, warmup=0))
+    assert r["settings"]["method"] == "moe_adapters" and r["baseline"]["settings"]["method"] == "finetune"
+    assert r["tflops_per_step"] is None, "the analytic count is for full fine-tuning only"
+    rounds = r["rounds_ms_per_step_median"]
+    assert len(rounds["method"]) == len(rounds["baseline"]) == 2
+    # the median of two rounds is their mean, so the ratio of medians is the ratio of sums
+    assert r["step_time_ratio"] == pytest.approx(sum(rounds["method"]) / sum(rounds["baseline"]))

@@ -58,6 +58,8 @@ class StepBench:
     seed: int = field(default=0, metadata={"help": "seed of the weights and the random batches"})
     baseline: Optional[str] = field(default=None, metadata={"help": "also time this method config in the same run "
                                                                     "(e.g. zscl) and report the step-time ratio"})
+    rounds: int = field(default=1, metadata={"help": "with --baseline: alternate method / baseline this many times "
+                                                     "(the ratio is of the medians over all rounds; robust to load)"})
 
 
 # ---------------------------------------------------------------------------- the module under test
@@ -233,16 +235,25 @@ def default_peak_tflops(device: torch.device, precision: str) -> Optional[float]
 def run_step(cfg: StepBench) -> dict[str, Any]:
     """Time ``cfg.steps`` training steps of the method's module on random data; one JSON-ready dict.
 
-    With ``baseline``, the baseline method runs next with the same settings and the result gains
-    ``baseline`` (its own result) and ``step_time_ratio`` = this median / the baseline's median.
+    With ``baseline``, the baseline method runs after it with the same settings (``rounds`` times,
+    alternating); the result (the first round's) gains ``baseline`` (the baseline's first result),
+    the per-round medians, and ``step_time_ratio`` = median of this method's per-round medians /
+    median of the baseline's.
     """
-    out = _run_one(cfg)
-    if cfg.baseline:
-        from dataclasses import replace
+    if not cfg.baseline:
+        return _run_one(cfg)
+    from dataclasses import replace
 
-        base = _run_one(replace(cfg, method=cfg.baseline, baseline=None))
-        out["baseline"] = base
-        out["step_time_ratio"] = out["ms_per_step_median"] / base["ms_per_step_median"]
+    runs, bases = [], []
+    for _ in range(max(cfg.rounds, 1)):  # alternating, so that a change of machine load hits both
+        runs.append(_run_one(cfg))
+        bases.append(_run_one(replace(cfg, method=cfg.baseline, baseline=None)))
+    out, base = runs[0], bases[0]
+    medians = [r["ms_per_step_median"] for r in runs]
+    base_medians = [b["ms_per_step_median"] for b in bases]
+    out["baseline"] = base
+    out["rounds_ms_per_step_median"] = {"method": medians, "baseline": base_medians}
+    out["step_time_ratio"] = statistics.median(medians) / statistics.median(base_medians)
     return out
 
 
