@@ -307,3 +307,34 @@ def test_bench_step_times_moe_adapters_beside_a_baseline(one_thread):
     assert len(rounds["method"]) == len(rounds["baseline"]) == 2
     # the median of two rounds is their mean, so the ratio of medians is the ratio of sums
     assert r["step_time_ratio"] == pytest.approx(sum(rounds["method"]) / sum(rounds["baseline"]))
+
+
+@pytest.mark.parametrize("extractor", ["torchvision:squeezenet1_0", "timm:test_resnet"])
+def test_ddas_extractor_from_a_local_weights_file(tmp_path, one_thread, extractor):
+    """A torchvision / timm extractor is built without downloads and loads the given file exactly."""
+    from zscl.moe.ddas import build_extractor
+
+    kind, _, name = extractor.partition(":")
+    torch.manual_seed(0)
+    if kind == "torchvision":
+        import torchvision
+
+        source = torchvision.models.get_model(name, weights=None)
+    else:
+        import timm
+
+        source = timm.create_model(name, pretrained=False, num_classes=0)
+    weights = tmp_path / "w.pt"
+    torch.save(source.state_dict(), weights)
+    cfg = DDASConfig(extractor=extractor, extractor_weights=str(weights))
+    features = build_extractor(cfg)
+    trunk = dict(features.model.state_dict())
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in trunk.items() if k in source.state_dict())
+    assert any(k in source.state_dict() for k in trunk)
+    out = features(torch.randn(2, 3, 64, 64))
+    assert out.dim() == 2 and out.shape[0] == 2 and bool(((out > 0) & (out < 1)).all())
+    with pytest.raises(ValueError, match="extractor_weights"):
+        build_extractor(DDASConfig(extractor=extractor))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="missing tensors"):
+        build_extractor(DDASConfig(extractor=extractor, extractor_weights=str(tmp_path / "wrong.pt")))

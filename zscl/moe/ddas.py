@@ -148,7 +148,10 @@ def build_extractor(cfg: DDASConfig) -> Optional[Callable[[torch.Tensor], torch.
                          "nothing is downloaded)")
     model = _torchvision_trunk(name) if kind == "torchvision" else _timm_trunk(name)
     state = torch.load(cfg.extractor_weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=False)  # heads dropped from the trunk are ignored
+    missing = model.load_state_dict(state, strict=False).missing_keys  # heads dropped from the trunk are ignored
+    if missing:
+        raise ValueError(f"ddas.extractor_weights {cfg.extractor_weights} does not hold the {cfg.extractor} trunk: "
+                         f"{len(missing)} missing tensors, e.g. {missing[:3]}")
     model.eval().requires_grad_(False)
     return _Extractor(model)
 
