@@ -144,7 +144,7 @@ class MoEAdapterCLIP(ContinualCLIP):
     def _ddas_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.extractor is not None:
             return self.extractor(images)
-        with self.moe.routing(None) if hasattr(self, "moe") else _nothing():
+        with self.moe.routing(None):  # the frozen CLIP's own features: adapters off
             return clip_features(self.clip.encode_image(images))
 
     # ----------------------------------------------------------------- end of task and export
@@ -231,14 +231,6 @@ class MoEAdapterCLIP(ContinualCLIP):
             routed = self.trainer.strategy.reduce(routed, reduce_op="sum")
         # fractions of each dataset's images sent to [zero-shot, task 0, task 1, ...]
         self.route_stats = {n: (row / max(int(row.sum()), 1)).tolist() for n, row in zip(self._eval_names, routed)}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["MoEAdapterCLIP", "MoEConfig", "DDASConfig"]
