@@ -87,6 +87,12 @@ def run(cfg) -> dict:
     names = parse_dataset_list(cfg.datasets)
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.precision, device)
+    from zscl.moe.export import find_export
+
+    if find_export(cfg.pretrained):  # a MoE-Adapters export: the routed model, DDAS per image
+        from zscl.moe.evaluate import run_routed
+
+        return run_routed(cfg, names, device, amp)
     bundle = load_clip(cfg.model, cfg.pretrained, device=device)
     results = {}
     for name in names:

@@ -12,6 +12,7 @@ unreadable test images instead of stopping.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from jsonargparse import ActionConfigFile
 
@@ -25,11 +26,13 @@ def trainer_defaults() -> dict:
             "max_steps": 1000, "log_every_n_steps": 10}
 
 
-def build_parser():
+def build_parser(argv: Optional[list[str]] = None):
+    """The parser; its ``model:`` schema is that of the ``model_class`` chosen in ``argv`` (default ContinualCLIP)."""
     import lightning as L
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from zscl.methods import ContinualCLIP, ContinualDataModule
+    from zscl.methods import ContinualDataModule
+    from zscl.methods.classes import DEFAULT, model_class, model_class_from_args
     from zscl.runner.configs import Benchmark
     from zscl.runner.sequence import Continual, RunOptions
 
@@ -39,7 +42,9 @@ def build_parser():
     p.add_class_arguments(RunOptions, None)
     p.add_class_arguments(Benchmark, "benchmark")
     p.add_class_arguments(Continual, "continual")
-    p.add_lightning_class_args(ContinualCLIP, "model")
+    name = model_class_from_args(argv or [])
+    p.add_argument("--model_class", type=str, default=DEFAULT, help="LightningModule of the method (methods.classes)")
+    p.add_lightning_class_args(model_class(name), "model")
     p.add_lightning_class_args(ContinualDataModule, "data")
     p.add_lightning_class_args(L.Trainer, "trainer")
     p.set_defaults({f"trainer.{k}": v for k, v in trainer_defaults().items()})
@@ -79,7 +84,7 @@ def main(argv: list[str]) -> int:
     with report_errors("zscl sequence") as status:
         check = "--check-data" in argv
         argv = resolve_config_args(bad_image_flags(argv))
-        parser = build_parser()
+        parser = build_parser(argv)
         cfg = parser.parse_args(argv)
         if check:
             check_before_run(cfg, argv)
