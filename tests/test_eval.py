@@ -63,6 +63,49 @@ def test_cached_and_uncached_evaluation_agree(tiny, tmp_path):
     assert len(list((tmp_path / "cache").glob("DTD-test-*.npy"))) == 2  # images + labels, reused next time
 
 
+def _replace_in_place(dataset: str, root) -> None:
+    """New pixels under the same file names and counts (a regenerated or re-extracted dataset)."""
+    import os
+    import pickle
+
+    if dataset == "CIFAR100":
+        path = root / "cifar-100-python" / "test"
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        entry["data"] = 255 - entry["data"]
+        with open(path, "wb") as f:
+            pickle.dump(entry, f)
+        return
+    for file in sorted((root / "dtd").rglob("*.jpg")):
+        with Image.open(file) as img:
+            inverted = Image.fromarray(255 - np.asarray(img.convert("RGB")))
+        stat = file.stat()
+        inverted.save(file)
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # distinct mtime, set, not waited for
+
+
+@pytest.mark.parametrize("dataset", ["DTD", "CIFAR100"])  # image files; an in-memory array from a pickle
+def test_the_cache_never_serves_pixels_of_a_dataset_replaced_in_place(tiny, tmp_path, dataset):
+    """Regenerating a dataset under the same folder (same names, same count) must not read stale pixels."""
+    from zscl.datasets import build_dataset
+
+    def pixels() -> torch.Tensor:
+        cached, _, _ = cached_dataset(dataset, "test", tmp_path / "data", tiny.test_transform, tmp_path / "cache",
+                                      progress=False)
+        return torch.from_numpy(np.array(cached.images))
+
+    def truth() -> torch.Tensor:  # the files as they are now, through the plain uint8 transform
+        ds = build_dataset(dataset, tmp_path / "data", "test", split_normalize(tiny.test_transform)[0])
+        return torch.stack([ds[i][0] for i in range(len(ds))])
+
+    make_fake_dataset(dataset, tmp_path / "data", classes=[0, 1], per_class=2, image_size=20)
+    first = pixels()
+    assert torch.equal(first, truth())
+    _replace_in_place(dataset, tmp_path / "data")
+    second = pixels()
+    assert not torch.equal(first, second) and torch.equal(second, truth())
+
+
 def test_zscl_eval_prints_a_table_and_writes_json(tmp_path, capsys):
     dtd = make_fake_dataset("DTD", tmp_path / "data", classes=[0, 1], per_class=2, image_size=16)
     mnist = make_fake_dataset("MNIST", tmp_path / "data", classes=[3, 7], per_class=2, image_size=28)

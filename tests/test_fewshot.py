@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from zscl.datasets.views import few_shot_indices
-from zscl.runner.cil import KILL_ENV
 
 # --- the subset -----------------------------------------------------------------------------
 
@@ -80,7 +79,7 @@ def _run_here(argv: list[str]) -> dict:
 
 
 def _killed_then_resumed(argv: list[str], kill_at: str) -> dict:
-    env = {**os.environ, KILL_ENV: kill_at, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ZSCL_KILL_AT": f"train-step:{kill_at}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "zscl", "sequence", *argv], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     return _run_here(argv)

@@ -1,4 +1,5 @@
-"""``zscl bench step``: time the real training step of :class:`~zscl.methods.ContinualCLIP`.
+"""``zscl bench step``: time the real training step of a method's module (:class:`~zscl.methods.ContinualCLIP`,
+or the config's ``model_class`` such as MoE-Adapters).
 
 The module users train is built from a method config (``configs/method/<name>.yaml``) with
 random weights and run through a real ``lightning.Trainer.fit`` on pre-generated random
@@ -55,20 +56,30 @@ class StepBench:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     peak_tflops: Optional[float] = field(default=None, metadata={"help": "peak TFLOP/s for MFU (default: device table; none on CPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and the random batches"})
+    baseline: Optional[str] = field(default=None, metadata={"help": "also time this method config in the same run "
+                                                                    "(e.g. zscl) and report the step-time ratio"})
+    rounds: int = field(default=1, metadata={"help": "with --baseline: alternate method / baseline this many times "
+                                                     "(the ratio is of the medians over all rounds; robust to load)"})
 
 
 # ---------------------------------------------------------------------------- the module under test
-def method_kwargs(method: str) -> dict[str, Any]:
-    """The ``model:`` section of a method config (name or path) as ContinualCLIP keyword arguments."""
+def method_config(method: str) -> dict[str, Any]:
+    """A method config (name or path) as a dict."""
     import yaml
 
-    from zscl.methods.config import Distillation, Speed
     from zscl.runner.configs import config_registry, resolve_config_path
 
     is_path = "/" in method or method.endswith((".yaml", ".yml"))
     path = resolve_config_path(method) if is_path else config_registry("method").get(method)
     with open(path, encoding="utf-8") as f:
-        kwargs = dict((yaml.safe_load(f) or {}).get("model") or {})
+        return yaml.safe_load(f) or {}
+
+
+def method_kwargs(method: str) -> dict[str, Any]:
+    """The ``model:`` section of a method config (name or path) as keyword arguments of its module."""
+    from zscl.methods.config import Distillation, Speed
+
+    kwargs = dict(method_config(method).get("model") or {})
     if kwargs.get("distill"):
         kwargs["distill"] = Distillation(**kwargs["distill"])
     if kwargs.get("speed"):
@@ -78,8 +89,8 @@ def method_kwargs(method: str) -> dict[str, Any]:
 
 def build_module(model: str, method: str = "zscl", *, train_mode: str = "whole", text_mode: Optional[str] = None,
                  text_batch: Optional[int] = None, compile: str = "auto", **overrides: Any):
-    """A randomly initialised ContinualCLIP configured by ``method`` (plus ``overrides``)."""
-    from zscl.methods import ContinualCLIP
+    """A randomly initialised module (the config's ``model_class``, default ContinualCLIP) configured by ``method``."""
+    from zscl.methods.classes import DEFAULT, model_class
     from zscl.methods.config import Speed
 
     kwargs = method_kwargs(method)
@@ -92,7 +103,7 @@ def build_module(model: str, method: str = "zscl", *, train_mode: str = "whole",
     speed.compile = {"auto": "auto", "on": True, "off": False}[compile]
     kwargs.update(clip=model, pretrained=None, train_mode=train_mode, speed=speed)
     kwargs.update(overrides)
-    return ContinualCLIP(**kwargs)
+    return model_class(method_config(method).get("model_class", DEFAULT))(**kwargs)
 
 
 class RandomBatches(L.LightningDataModule):
@@ -222,7 +233,31 @@ def default_peak_tflops(device: torch.device, precision: str) -> Optional[float]
 
 # ---------------------------------------------------------------------------- the benchmark
 def run_step(cfg: StepBench) -> dict[str, Any]:
-    """Time ``cfg.steps`` training steps of ContinualCLIP on random data; one JSON-ready dict."""
+    """Time ``cfg.steps`` training steps of the method's module on random data; one JSON-ready dict.
+
+    With ``baseline``, the baseline method runs after it with the same settings (``rounds`` times,
+    alternating); the result (the first round's) gains ``baseline`` (the baseline's first result),
+    the per-round medians, and ``step_time_ratio`` = median of this method's per-round medians /
+    median of the baseline's.
+    """
+    if not cfg.baseline:
+        return _run_one(cfg)
+    from dataclasses import replace
+
+    runs, bases = [], []
+    for _ in range(max(cfg.rounds, 1)):  # alternating, so that a change of machine load hits both
+        runs.append(_run_one(cfg))
+        bases.append(_run_one(replace(cfg, method=cfg.baseline, baseline=None)))
+    out, base = runs[0], bases[0]
+    medians = [r["ms_per_step_median"] for r in runs]
+    base_medians = [b["ms_per_step_median"] for b in bases]
+    out["baseline"] = base
+    out["rounds_ms_per_step_median"] = {"method": medians, "baseline": base_medians}
+    out["step_time_ratio"] = statistics.median(medians) / statistics.median(base_medians)
+    return out
+
+
+def _run_one(cfg: StepBench) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model = cfg.model or ("ViT-B-16" if device.type == "cuda" else "zscl-tiny-vit")
     precision = cfg.precision or default_precision(device)
@@ -248,7 +283,10 @@ def run_step(cfg: StepBench) -> dict[str, Any]:
     out.update(ms_in_hooks_median=statistics.median(hooks[skip:]), first_step_ms=iters[0],
                compile_s=(iters[0] - out["ms_per_step_median"]) / 1e3 if compiled else None,
                setup_s=timer.setup_s, compiled=compiled, **memory)
-    out.update(_flops_report(cfg, model, module.distill, out["ms_per_step_median"], device, precision))
+    if hasattr(module, "moe"):  # the analytic count assumes full fine-tuning (all weight gradients)
+        out.update(tflops_per_step=None, tflops_parts=None, achieved_tflops=None, peak_tflops=None, mfu=None)
+    else:
+        out.update(_flops_report(cfg, model, module.distill, out["ms_per_step_median"], device, precision))
     distill = module.distill
     settings = {**asdict(cfg), "model": model, "precision": precision,
                 "text_mode": distill.text_mode if distill.active else None}

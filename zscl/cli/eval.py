@@ -31,6 +31,8 @@ def build_parser() -> ArgumentParser:
                    help="autocast dtype (auto: bf16 on GPUs that support it, fp32 on CPU)")
     p.add_argument("--cache", type=bool, default=True, help="use the preprocessed uint8 image cache")
     p.add_argument("--cache-dir", type=Optional[str], default=None)
+    p.add_argument("--allow-bad-test-images", type=bool, default=False,
+                   help="leave unreadable test images out (n counts the rest) instead of stopping with their list")
     p.add_argument("--custom-datasets", type=Optional[str], default=None,
                    help="YAML/JSON list of user datasets (zscl.datasets.CustomDataset fields) to register first")
     p.add_argument("--json", type=Optional[str], default=None, help="also write the results to this JSON file")
@@ -85,12 +87,19 @@ def run(cfg) -> dict:
     names = parse_dataset_list(cfg.datasets)
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.precision, device)
+    from zscl.moe.export import find_export
+
+    if find_export(cfg.pretrained):  # a MoE-Adapters export: the routed model, DDAS per image
+        from zscl.moe.evaluate import run_routed
+
+        return run_routed(cfg, names, device, amp)
     bundle = load_clip(cfg.model, cfg.pretrained, device=device)
     results = {}
     for name in names:
         acc, classes = evaluate_dataset(
             bundle, name, cfg.data_root, split=cfg.split, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
             device=device, amp_dtype=amp, cache=cfg.cache, cache_dir=cfg.cache_dir, progress=cfg.progress,
+            allow_bad=cfg.allow_bad_test_images,
         )
         results[name] = {"classes": classes, **acc.as_dict()}
     return {"model": bundle.name, "pretrained": cfg.pretrained, "split": cfg.split, "results": results}

@@ -1,4 +1,5 @@
-"""``zscl fit | validate | test``: LightningCLI over :class:`ContinualCLIP` and :class:`ContinualDataModule`.
+"""``zscl fit | validate | test``: LightningCLI over the method's LightningModule (``model_class``, default
+:class:`ContinualCLIP`) and :class:`ContinualDataModule`.
 
     zscl fit --config configs/method/zscl.yaml --config configs/task/dtd.yaml \\
              --model.init_from runs/aircraft/Aircraft.safetensors --data.data_root /data
@@ -18,6 +19,11 @@ from lightning.pytorch.cli import LightningCLI
 
 class ZSCLCLI(LightningCLI):
     """LightningCLI with zscl's defaults: iteration-based training, atomic checkpoints, export after fit."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from zscl.methods.classes import DEFAULT
+
+        parser.add_argument("--model_class", type=str, default=DEFAULT, help="LightningModule of the method (methods.classes)")
 
     def instantiate_trainer(self, **kwargs):
         from zscl.runner.progress import AtomicCheckpointIO
@@ -42,7 +48,9 @@ class ZSCLCLI(LightningCLI):
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero:
             for name, acc in self.model.eval_results.items():
-                print(f"zero-shot {name}: top-1 {acc.top1:.2f}  top-5 {acc.top5:.2f}  ({acc.n} images)")
+                left_out = len(self.datamodule.excluded_test_images.get(name, []))
+                note = f"; {left_out} unreadable excluded" if left_out else ""
+                print(f"zero-shot {name}: top-1 {acc.top1:.2f}  top-5 {acc.top5:.2f}  ({acc.n} images{note})")
 
 
 def _run(subcommand: str, argv: list[str]) -> int:
@@ -50,8 +58,9 @@ def _run(subcommand: str, argv: list[str]) -> int:
 
     from zscl.cli.errors import report_errors
     from zscl.cli.quiet import quiet_lightning
-    from zscl.cli.sequence import trainer_defaults
-    from zscl.methods import ContinualCLIP, ContinualDataModule
+    from zscl.cli.sequence import bad_image_flags, trainer_defaults
+    from zscl.methods import ContinualDataModule
+    from zscl.methods.classes import model_class, model_class_from_args
     from zscl.runner.configs import resolve_config_args
     from zscl.runner.progress import TaskProgressBar
 
@@ -61,8 +70,10 @@ def _run(subcommand: str, argv: list[str]) -> int:
     quiet_lightning()
     with report_errors(f"zscl {subcommand}") as status:
         # LightningCLI reads sys.argv, which Lightning's DDP launcher also re-executes on the other ranks.
-        sys.argv = [sys.argv[0], subcommand, *resolve_config_args(argv)]
-        ZSCLCLI(ContinualCLIP, ContinualDataModule, trainer_defaults=defaults, seed_everything_default=42,
+        argv = resolve_config_args(bad_image_flags(argv))
+        sys.argv = [sys.argv[0], subcommand, *argv]
+        ZSCLCLI(model_class(model_class_from_args(argv)), ContinualDataModule, trainer_defaults=defaults,
+                seed_everything_default=42,
                 save_config_kwargs={"overwrite": True})
     return status.code
 

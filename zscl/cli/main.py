@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "validate": Subcommand("zscl.cli.lightning:validate", "zero-shot accuracy on a task's test split (LightningCLI)"),
     "test": Subcommand("zscl.cli.lightning:test", "same as validate, under Lightning's test loop (LightningCLI)"),
     "sequence": Subcommand("zscl.cli.sequence:main", "run a whole continual benchmark; resumable; writes results.json"),
+    "check-data": Subcommand("zscl.cli.check_data:main", "decode every image a run would read; report unreadable files"),
     "eval": Subcommand("zscl.cli.eval:main", "zero-shot top-1/top-5 of a CLIP on registered datasets"),
     "metrics": Subcommand("zscl.cli.metrics:main", "Transfer / Avg / Last / BWT / forgetting of an accuracy matrix"),
     "compare": Subcommand("zscl.cli.compare:main", "runs side by side (Transfer / Avg / Last), beside the paper's numbers"),

@@ -1,6 +1,7 @@
 """Dataset registry: the 11 MTIL datasets, CIFAR10 and ImageNet, user datasets from config, and
 their class names and prompt templates (data files under the top-level ``data/``)."""
 
+from zscl.datasets.badimages import SafeImages, UnreadableImageError, UnreadableTestImagesError
 from zscl.datasets.common import DatasetNotFoundError, LabeledImages, dataset_labels
 from zscl.datasets.custom import (
     CustomDataset,
@@ -26,6 +27,9 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetSpec",
     "LabeledImages",
+    "SafeImages",
+    "UnreadableImageError",
+    "UnreadableTestImagesError",
     "build_dataset",
     "csv_builder",
     "dataset_labels",

@@ -155,3 +155,47 @@ def scan_image_folder(folder: Path, classes: Sequence[str]) -> tuple[list[str], 
         paths += images
         labels += [lookup[name]] * len(images)
     return paths, labels
+
+
+_FILE_LISTS = ("samples", "imgs", "_samples", "_image_files", "_images", "files", "_files")
+_WRAPPED = ("dataset", "source")
+
+
+def _file_list(ds: Any) -> list | None:
+    for attr in _FILE_LISTS:
+        items = getattr(ds, attr, None)
+        if isinstance(items, (list, tuple)) and items:
+            return [i[0] if isinstance(i, (list, tuple)) else i for i in items]
+    if isinstance(ds, (list, tuple)) and ds and isinstance(ds[0], (str, Path)):
+        return list(ds)
+    return None
+
+
+def source_fingerprint(ds: Any) -> str:
+    """A short hash of what a dataset reads: (path, size, mtime) of its image files, or the bytes of an
+    in-memory array (CIFAR, MNIST). Caches keyed on it never serve pixels of files that were replaced
+    in place (a regenerated or re-extracted dataset under the same folder). "" when nothing is found."""
+    import hashlib
+    import os
+
+    h = hashlib.sha1()
+    for _ in range(8):  # unwrap Subset / LabeledImages / label droppers down to the files
+        files = _file_list(ds)
+        if files is not None:
+            for f in files:
+                try:
+                    st = os.stat(f)
+                    h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{f}|missing\n".encode())
+            return h.hexdigest()[:12]
+        data = getattr(ds, "data", None)
+        if hasattr(data, "tobytes") or hasattr(data, "numpy"):
+            arr = data.numpy() if hasattr(data, "numpy") else data
+            h.update(str(arr.shape).encode() + arr.tobytes())
+            return h.hexdigest()[:12]
+        inner = next((getattr(ds, a) for a in _WRAPPED if getattr(ds, a, None) is not None), None)
+        if inner is None:
+            return ""
+        ds = inner
+    return ""

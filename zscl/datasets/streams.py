@@ -15,6 +15,13 @@ training step ``k`` on rank ``r`` a pure function of ``(seed, k, r)``:
   round-robin over workers then yields steps in order.
 
 Resuming at step ``k`` is ``stream.start_step = k`` before the DataLoader is built.
+
+With ``skip_unreadable`` an unreadable image (a
+:class:`~zscl.datasets.badimages.UnreadableImageError` from the dataset) at position ``p`` is
+replaced by the sample at the next position ``p + 1, p + 2, ...`` that is readable, drawn with
+position ``p``'s augmentation seed. The substitute depends only on ``(seed, p)`` and the data, so
+batches stay pure functions of ``(seed, step, rank)``; the ``(path, reason)`` of each replaced
+image is appended to ``stream.unreadable``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class StepBatchStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         collate: Callable[[list[Any]], Any] = default_collate,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         n = len(dataset)  # type: ignore[arg-type]
@@ -60,6 +68,8 @@ class StepBatchStream(IterableDataset):
         self.seed, self.start_step = seed, start_step
         self.rank, self.world_size = rank, world_size
         self.collate = collate
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: list[tuple[str, str]] = []
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -78,7 +88,20 @@ class StepBatchStream(IterableDataset):
         return [int(self._perm(p // self.n)[p % self.n]) for p in self.positions(step)]
 
     def _sample(self, position: int) -> Any:
-        index = int(self._perm(position // self.n)[position % self.n])
+        if not self.skip_unreadable:
+            return self._read(position, position)
+        from zscl.datasets.badimages import UnreadableImageError
+
+        for offset in range(self.n):
+            try:
+                return self._read(position, position + offset)
+            except UnreadableImageError as err:
+                self.unreadable.append((err.path, err.reason))
+        raise ValueError(f"every one of the {self.n} images of the stream is unreadable: {self.unreadable[-1][0]}, ...")
+
+    def _read(self, position: int, source: int) -> Any:
+        """The sample at stream position ``source``, with position ``position``'s random augmentation."""
+        index = int(self._perm(source // self.n)[source % self.n])
         with torch.random.fork_rng(devices=[]):
             # The generator's own method: torch.manual_seed also records Python stack traces
             # (about 1 ms per call in torch 2.14), which would dominate a small image's loading.
@@ -114,11 +137,14 @@ class ShardedEval(IterableDataset):
 
     Lightning pads DistributedSampler shards with duplicates, which would miscount accuracy;
     an IterableDataset is left alone, and the per-rank counts are summed afterwards.
+    ``excluded`` lists the ``(path, reason)`` of unreadable images left out of ``dataset``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 collate: Callable[[list[Any]], Any] = default_collate) -> None:
+                 collate: Callable[[list[Any]], Any] = default_collate,
+                 excluded: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__()
+        self.excluded = list(excluded)
         n = len(dataset)  # type: ignore[arg-type]
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         self.dataset, self.lo, self.hi, self.batch_size, self.collate = dataset, lo, hi, batch_size, collate

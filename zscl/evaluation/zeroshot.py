@@ -8,6 +8,7 @@ Classifier: for class c with prompts ``t(c)`` over all templates t,
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -145,31 +146,54 @@ def dataset_batches(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    allow_bad: bool = False,
 ):
     """A DataLoader of (images, labels) for one rank's shard of ``name``'s ``split``.
 
     With ``cache`` the images are uint8 from the preprocessed cache (normalise them on the
     device with the returned mean/std); without it they are fully transformed floats.
     Returns ``(loader, mean, std)``; mean/std are None when the images are already normalised.
+    Unreadable images raise :class:`~zscl.datasets.badimages.UnreadableTestImagesError` listing
+    them all, or with ``allow_bad`` are left out (``loader.dataset.excluded`` lists them).
     """
-    from zscl.datasets import build_dataset
-    from zscl.datasets.streams import ShardedEval, stream_loader
-    from zscl.evaluation.cache import cached_dataset
+    from torch.utils.data import Subset
 
+    from zscl.datasets import build_dataset
+    from zscl.datasets.badimages import UnreadableTestImagesError
+    from zscl.datasets.streams import ShardedEval, stream_loader
     from zscl.datasets.views import view_of
+    from zscl.evaluation.cache import cached_dataset
 
     mean = std = None
     view = view_of(name)
     if cache and view is not None:  # a class/image view slices its base dataset's cache
         base, mean, std = cached_dataset(view.base, split, data_root, test_transform, cache_dir, num_workers, progress)
         dataset = view.restrict(base, split)
+        excluded = base.excluded  # the base's unreadable images (not in the cache), whichever class they hold
     elif cache:
         dataset, mean, std = cached_dataset(name, split, data_root, test_transform, cache_dir, num_workers, progress)
+        excluded = dataset.excluded
     else:
         dataset = build_dataset(name, data_root, split, test_transform)
-    shard = ShardedEval(dataset, batch_size, rank, world_size)
+        bad = _unreadable_items(name, str(data_root), split, max(num_workers, 1))
+        excluded = [(path, reason) for _, path, reason in bad]
+        if bad:
+            rows = {i for i, _, _ in bad}
+            dataset = Subset(dataset, [i for i in range(len(dataset)) if i not in rows])
+    if excluded and not allow_bad:
+        raise UnreadableTestImagesError({name: excluded})
+    shard = ShardedEval(dataset, batch_size, rank, world_size, excluded=excluded)
     workers = 0 if cache else num_workers  # cached batches are memory-map slices: workers only add IPC
     return stream_loader(shard, num_workers=workers), mean, std
+
+
+@functools.lru_cache(maxsize=64)
+def _unreadable_items(name: str, data_root: str, split: str, num_workers: int) -> tuple[tuple[int, str, str], ...]:
+    """Unreadable images of a split read without the cache (decoded once per process)."""
+    from zscl.datasets import build_dataset
+    from zscl.datasets.badimages import find_unreadable
+
+    return tuple(find_unreadable(build_dataset(name, data_root, split), num_workers))
 
 
 def evaluate_dataset(
@@ -185,6 +209,7 @@ def evaluate_dataset(
     cache: bool = True,
     cache_dir: str | None = None,
     progress: bool = True,
+    allow_bad: bool = False,
 ) -> tuple[Accuracy, int]:
     """Zero-shot accuracy of ``bundle`` (a :class:`zscl.models.ClipBundle`) on one registered dataset.
 
@@ -197,7 +222,7 @@ def evaluate_dataset(
                                   device=device, amp_dtype=amp_dtype)
     loader, mean, std = dataset_batches(spec.name, data_root, bundle.test_transform, split=split,
                                         batch_size=batch_size, num_workers=num_workers, cache=cache,
-                                        cache_dir=cache_dir, progress=progress)
+                                        cache_dir=cache_dir, progress=progress, allow_bad=allow_bad)
     acc = evaluate(bundle.model, classifier, loader, device=device, mean=mean, std=std, amp_dtype=amp_dtype,
                    progress=progress, desc=f"eval {spec.name}", total=len(loader.dataset))
     return acc, spec.num_classes

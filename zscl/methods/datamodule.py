@@ -11,18 +11,31 @@
   source (LwF) it is a second, independently seeded stream over the task's own train split.
 * Evaluation: one loader per evaluation dataset, each rank reading a contiguous shard, from
   the preprocessed uint8 cache by default.
+* Unreadable images (:mod:`zscl.datasets.badimages`): in training and reference streams they are
+  replaced by the next readable sample (``on_bad_image: skip``), logged and counted in
+  ``bad_images``, or stop the run (``error``); in evaluation sets they stop the run before it
+  starts, listed, unless ``allow_bad_test_images`` excludes them (``excluded_test_images``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from zscl.datasets.streams import StepBatchStream, stream_loader
+from zscl.datasets.badimages import (
+    BadImageLog,
+    SafeImages,
+    UnreadableImageError,
+    UnreadableTestImagesError,
+    reporting_loader,
+)
+from zscl.datasets.streams import StepBatchStream
 from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
 from zscl.reference.images import for_task as images_for_task
 from zscl.reference.texts import for_task as texts_for_task
@@ -44,6 +57,9 @@ class ContinualDataModule(L.LightningDataModule):
         custom_datasets: user datasets (ImageFolder or CSV; a YAML file or a list) registered first.
         eval_cache: evaluate from the preprocessed uint8 image cache.
         cache_dir: where the cache lives (default ``~/.cache/zscl/eval`` or ``$ZSCL_CACHE/eval``).
+        on_bad_image: an unreadable training or reference image is replaced by the next readable
+            sample of its stream (``skip``) or stops the run (``error``).
+        allow_bad_test_images: exclude (and count) unreadable evaluation images instead of failing.
     """
 
     def __init__(
@@ -61,6 +77,8 @@ class ContinualDataModule(L.LightningDataModule):
         custom_datasets: Union[str, list[dict[str, Any]], None] = None,
         eval_cache: bool = True,
         cache_dir: Optional[str] = None,
+        on_bad_image: Literal["skip", "error"] = "skip",
+        allow_bad_test_images: bool = False,
     ) -> None:
         super().__init__()
         from zscl.datasets import get_dataset, load_custom_datasets
@@ -76,6 +94,9 @@ class ContinualDataModule(L.LightningDataModule):
         self.reference_images = reference_images or ReferenceImages()
         self.reference_texts = reference_texts or ReferenceTexts()
         self.eval_cache, self.cache_dir = eval_cache, cache_dir
+        self.skip_bad, self.allow_bad_test_images = on_bad_image == "skip", allow_bad_test_images
+        self.bad_images = BadImageLog()  # unreadable training/reference images met by this task
+        self.excluded_test_images: dict[str, list[str]] = {}  # dataset -> unreadable test files left out
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -131,16 +152,20 @@ class ContinualDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.lightning_module.needs_reference:
             self.check_reference()
+        self.check_test_images()  # every rank: before any training or evaluation starts
 
     def train_dataloader(self) -> CombinedLoader:
         from zscl.datasets import build_dataset
 
         rank, world = self._rank()
         step = self.trainer.global_step if self.trainer is not None else 0
-        task = build_dataset(self.spec.name, self.data_root, "train", self._uint8(self._bundle.train_transform))
+        transform = self._uint8(self._bundle.train_transform)
+        task = SafeImages(build_dataset(self.spec.name, self.data_root, "train", transform))
         pin = torch.cuda.is_available()
-        loaders = {"task": stream_loader(StepBatchStream(task, self.batch_size, seed=self.seed, start_step=step,
-                                                         rank=rank, world_size=world), self.num_workers, pin)}
+        stream = StepBatchStream(task, self.batch_size, seed=self.seed, start_step=step, rank=rank, world_size=world,
+                                 skip_unreadable=self.skip_bad)
+        loaders = {"task": reporting_loader(stream, stream.unreadable, self.bad_images, "training",
+                                            self.num_workers, pin)}
         if self.trainer.lightning_module.needs_reference:
             loaders["ref"] = self._reference_loader(step, rank, world, pin)
         return CombinedLoader(loaders, mode="max_size_cycle")
@@ -148,27 +173,60 @@ class ContinualDataModule(L.LightningDataModule):
     def _reference_loader(self, step: int, rank: int, world: int, pin: bool):
         cfg, tf = self.ref_images, self._uint8(self._bundle.test_transform)
         if cfg.source == "wds":
-            import webdataset as wds
-
-            stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1)
-            return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
-        dataset = reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir)
+            records: list = []
+            stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1,
+                                          records=records, skip_unreadable=self.skip_bad)
+            return reporting_loader(stream, records, self.bad_images, "reference", self.num_workers, pin)
+        dataset = SafeImages(reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir))
+        left_out = getattr(dataset.dataset, "excluded", [])  # a cached pool leaves unreadable images out
+        if left_out and not self.skip_bad:
+            raise UnreadableImageError(f"unreadable image {left_out[0][0]} ({left_out[0][1]})", *left_out[0])
+        self.bad_images.add(left_out, "reference")
         stream = StepBatchStream(dataset, self.reference_batch_size, seed=self.seed + 1, start_step=step,
-                                 rank=rank, world_size=world)
-        return stream_loader(stream, self.num_workers, pin)
+                                 rank=rank, world_size=world, skip_unreadable=self.skip_bad)
+        return reporting_loader(stream, stream.unreadable, self.bad_images, "reference", self.num_workers, pin)
+
+    def teardown(self, stage: str) -> None:
+        if stage != "fit" or self.trainer is None:
+            return
+        if self.trainer.world_size > 1:  # every rank met its own share of the files
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered: list = [None] * self.trainer.world_size
+                dist.all_gather_object(gathered, self.bad_images.paths)
+                for paths in gathered:
+                    self.bad_images.merge(paths)
+        line = self.bad_images.summary(self.spec.name)
+        if line and self.trainer.is_global_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node: build the evaluation caches there once.
         if self.eval_cache and self.trainer is not None:
             for name in self.eval_names:
+                with contextlib.suppress(UnreadableTestImagesError):  # raised in setup, on every rank
+                    self._eval_loader(name, rank=0, world=1)
+
+    def check_test_images(self) -> None:
+        """Fail with every unreadable test image of every evaluation dataset in one message, unless
+        ``allow_bad_test_images`` (then they are left out and listed in ``excluded_test_images``)."""
+        found: dict[str, list] = {}
+        for name in self.eval_names:
+            try:
                 self._eval_loader(name, rank=0, world=1)
+            except UnreadableTestImagesError as err:
+                found.update(err.found)
+        if found:
+            raise UnreadableTestImagesError(found)
 
     def _eval_loader(self, name: str, rank: int, world: int):
         from zscl.evaluation.zeroshot import dataset_batches
 
         loader, _, _ = dataset_batches(name, self.data_root, self._bundle.test_transform, batch_size=self.eval_batch_size,
                                        num_workers=self.num_workers, cache=self.eval_cache, cache_dir=self.cache_dir,
-                                       rank=rank, world_size=world)
+                                       rank=rank, world_size=world, allow_bad=self.allow_bad_test_images)
+        self.excluded_test_images[name] = [path for path, _ in loader.dataset.excluded]
         return loader
 
     def val_dataloader(self) -> list:

@@ -21,6 +21,7 @@ Relative paths resolve against the data root.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -76,6 +77,7 @@ class DropLabels(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.excluded = getattr(dataset, "excluded", [])  # a cached pool's unreadable images, left out
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -122,8 +124,10 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     from zscl.evaluation.cache import cache_key, default_cache_dir, materialize
 
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    from zscl.datasets.common import source_fingerprint
+
     key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit,
-                    len(dataset), repr(transform))
+                    len(dataset), repr(transform), source_fingerprint(dataset))
     return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
 
 
@@ -150,35 +154,71 @@ def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Cal
 
 
 class _FirstImage:
-    """Picklable webdataset map: the first image field of a sample, transformed."""
+    """Picklable webdataset stage: the first image field of each sample, decoded, RGB, transformed.
+
+    An undecodable sample is skipped and its ``(shard#key, reason)`` appended to ``records``
+    (or, with ``skip=False``, raised as :class:`~zscl.datasets.badimages.UnreadableImageError`).
+    """
 
     KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
-    def __init__(self, transform: Callable | None) -> None:
-        self.transform = transform
+    def __init__(self, transform: Callable | None, records: list, skip: bool = True) -> None:
+        self.transform, self.records, self.skip = transform, records, skip
 
-    def __call__(self, sample: dict) -> Any:
+    def decode(self, sample: dict) -> Any:
         for key in self.KEYS:
             if key in sample:
-                img = sample[key].convert("RGB")
+                with Image.open(io.BytesIO(sample[key])) as img:
+                    img = img.convert("RGB")
                 return self.transform(img) if self.transform is not None else img
         raise KeyError(f"webdataset sample {sample.get('__key__')} has no image field ({', '.join(self.KEYS)})")
 
+    def __call__(self, samples):
+        from zscl.datasets.badimages import UNREADABLE, UnreadableImageError
+
+        for sample in samples:
+            try:
+                yield self.decode(sample)
+            except UNREADABLE as err:
+                bad = UnreadableImageError.of(f"{sample.get('__url__')}#{sample.get('__key__')}", err)
+                if not self.skip:
+                    raise bad from err
+                self.records.append((bad.path, bad.reason))
+
+
+class _ShardHandler:
+    """webdataset's error handler: a shard that cannot be opened or read is skipped and named."""
+
+    def __init__(self, records: list, skip: bool = True) -> None:
+        self.records, self.skip = records, skip
+
+    def __call__(self, exn: BaseException) -> bool:
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?") if exn.args else "?"
+        reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+        # Records are drained with every batch: this many without a batch means no shard can be read.
+        if not self.skip or len(self.records) > 1000:
+            raise FileNotFoundError(f"unreadable webdataset shard {url} ({reason})") from exn
+        self.records.append((f"shard {url}", reason))
+        return True
+
 
 def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
-                         batch_size: int, seed: int = 0):
+                         batch_size: int, seed: int = 0, records: Optional[list] = None, skip_unreadable: bool = True):
     """An endless webdataset pipeline of reference-image batches, DDP- and worker-safe.
 
     Resampled shards never run dry, so every rank can draw the same number of batches;
     ``split_by_node``/``split_by_worker`` keep ranks and workers on distinct shards
-    (webdataset's default ``single_node_only`` raises under DDP, NOTES §4).
+    (webdataset's default ``single_node_only`` raises under DDP). Corrupt samples and
+    shards that cannot be opened are skipped, and recorded in ``records`` as ``(where, reason)``.
     """
     import webdataset as wds
 
+    records = [] if records is None else records
     pattern = cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root))
     dataset = wds.WebDataset(
         pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker, seed=seed, handler=wds.warn_and_continue, empty_check=False,
+        workersplitter=wds.split_by_worker, seed=seed, handler=_ShardHandler(records, skip_unreadable),
+        empty_check=False,
     )
-    stream = dataset.shuffle(1000, seed=seed).decode("pil").map(_FirstImage(transform))
+    stream = dataset.shuffle(1000, seed=seed).compose(_FirstImage(transform, records, skip_unreadable))
     return stream.batched(batch_size, collation_fn=torch.stack, partial=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,31 +32,27 @@ from zscl.runner.sequence import SequenceRunner, is_rank_zero, say
 from zscl.utils.io import write_json_atomic
 
 
-KILL_ENV = "ZSCL_TEST_KILL_AT"
-
-
 class _KillAt(L.Callback):
-    """Test hook: SIGKILL this process right after training step ``step`` of task ``task``
-    (``ZSCL_TEST_KILL_AT=task:step``), so that resume tests crash at a deterministic point.
-    Lightning runs checkpoint callbacks after the others, so a checkpoint due at an earlier step
-    is on disk when this fires."""
+    """Crash-safety tests: after training step ``s`` of task ``k``, the kill point ``train-step:k:s``
+    (``ZSCL_KILL_AT=train-step:k:s`` SIGKILLs the process there; :mod:`zscl.utils.testing`). Lightning
+    runs checkpoint callbacks after the others, so a checkpoint due at an earlier step is on disk."""
 
-    def __init__(self, task: int, step: int) -> None:
-        self.task, self.step = task, step
+    def __init__(self, task: int) -> None:
+        self.task = task
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        from zscl.utils.testing import kill_point
+
+        kill_point(f"train-step:{self.task}:{trainer.global_step}")
 
 
 class _KillHook:
-    """Mixin adding :class:`_KillAt` to the trainer of the task named by ``ZSCL_TEST_KILL_AT``."""
+    """Mixin adding :class:`_KillAt` to training trainers when ``ZSCL_KILL_AT`` names a training step."""
 
     def _trainer(self, kwargs, k, description):
         trainer = super()._trainer(kwargs, k, description)  # type: ignore[misc]
-        at = os.environ.get(KILL_ENV)
-        if at and k is not None and int(at.split(":")[0]) == k:
-            trainer.callbacks.append(_KillAt(k, int(at.split(":")[1])))
+        if k is not None and os.environ.get("ZSCL_KILL_AT", "").startswith("train-step:"):
+            trainer.callbacks.append(_KillAt(k))
         return trainer
 
 

@@ -242,6 +242,9 @@ class SequenceRunner:
     def _evaluate(self, trainer: L.Trainer, module, dm) -> tuple[list[float], list[float]]:
         trainer.validate(module, datamodule=dm, verbose=False)
         res = module.eval_results
+        excluded = {n: dm.excluded_test_images.get(n, []) for n in self.eval_names}  # --allow-bad-test-images
+        self.results["excluded_test_images"] = {n: len(paths) for n, paths in excluded.items()}
+        self.results["excluded_test_image_paths"] = {n: paths for n, paths in excluded.items() if paths}
         return [res[n].top1 for n in self.eval_names], [res[n].top5 for n in self.eval_names]
 
     # ------------------------------------------------------------------ the sequence
@@ -307,6 +310,9 @@ class SequenceRunner:
         say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
         trainer.fit(model, datamodule=dm, ckpt_path=resume)
         model.export_weights(str(target))
+        bad = list(dm.bad_images.paths)  # unreadable training/reference images, replaced (data.on_bad_image)
+        self.results.setdefault("bad_images", {})[self.task_names[k]] = len(bad)
+        self.results.setdefault("bad_image_paths", {})[self.task_names[k]] = bad[:100]
         barrier()
 
     def _train_dataset(self, k: int) -> str:
@@ -373,4 +379,9 @@ class SequenceRunner:
         self.results["metrics"] = summary
         self._save()
         say(format_table(m, summary))
+        for key, what in (("excluded_test_images", "unreadable test images excluded (--allow-bad-test-images)"),
+                          ("bad_images", "unreadable training/reference images replaced")):
+            counts = {n: c for n, c in (self.results.get(key) or {}).items() if c}
+            if counts:
+                say(f"{what}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
         say(f"wrote {self._results_path()}")

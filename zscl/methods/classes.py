@@ -1,0 +1,61 @@
+"""Which LightningModule a method config trains: the top-level ``model_class`` key.
+
+``model_class`` names a registered class (``continual_clip``, the default, for finetune / ZSCL /
+ablations / merging; ``moe_adapters`` for MoE-Adapters) or a dotted path ``package.module.Class``.
+The CLIs build their ``model:`` schema from that class, so every config without the key (and
+every ``--model.*`` override) keeps working exactly as before. Because the schema depends on the
+class, the key is read from the command line and the ``--config`` files *before* parsing
+(:func:`model_class_from_args`); the last occurrence wins, as in jsonargparse.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import yaml
+
+from zscl.registry import Registry
+
+DEFAULT = "continual_clip"
+MODEL_CLASSES: Registry[str] = Registry("model class")
+MODEL_CLASSES.register("continual_clip", "zscl.methods.module.ContinualCLIP")
+MODEL_CLASSES.register("moe_adapters", "zscl.moe.module.MoEAdapterCLIP")
+
+
+def model_class(name: str = DEFAULT) -> type:
+    """The LightningModule class of a registered name or a dotted path."""
+    path = MODEL_CLASSES.get(name) if "." not in name else name
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_class_from_args(argv: list[str]) -> str:
+    """The ``model_class`` chosen by ``--config`` files (read in order) and ``--model_class`` flags."""
+    name, i = DEFAULT, 0
+    flags = ("--config", "-c", "--model_class")
+    while i < len(argv):
+        key, value = argv[i], None
+        if key.startswith("--") and "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif key in flags and i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+        if value is None:
+            continue
+        if key in ("--config", "-c"):
+            name = _from_config(value) or name
+        elif key == "--model_class":
+            name = value
+    return name
+
+
+def _from_config(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError:
+        return None  # the parser reports missing files itself
+    return data.get("model_class") if isinstance(data, dict) else None

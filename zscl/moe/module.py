@@ -1,0 +1,236 @@
+"""MoE-Adapters (Yu et al., CVPR 2024) as a LightningModule that shares ContinualCLIP's data,
+evaluation, checkpoints and runner.
+
+One task t trains only task t's routers and noise matrices, the experts not frozen by earlier
+tasks (:mod:`zscl.moe.adapters`) and task t's DDAS autoencoder (:mod:`zscl.moe.ddas`):
+
+``L = CE(s f_t(x) g_t(classes)^T, y; label smoothing 0.2) + MSE(AE_t(phi(x)), phi(x)) + wd/2 ||AE_t||^2``
+
+with the CLIP frozen (``f_t``/``g_t``: both towers with task t's router). The AE term has its own
+parameter group (Adam, constant lr ``ddas.lr``); the adapters follow the warm-up + cosine schedule.
+After the task the most-used experts are frozen and task t's DDAS threshold is set. Evaluation
+routes every image with DDAS: task t*'s router in both towers, or the zero-shot CLIP.
+
+Chaining tasks: ``init_from`` is the previous task's CLIP export; its adapters are read from the
+``.moe.safetensors`` file beside it (:func:`zscl.moe.export.moe_path`), which this module writes
+in :meth:`export_weights`. Everything (routers, frozen sets, usage counts, autoencoders,
+calibration errors) is module state, so Lightning checkpoints resume bit-identically.
+
+Deviations (besides those of :mod:`zscl.moe.adapters` and :mod:`zscl.moe.ddas`): ``torch.compile``
+is off (the block hooks keep Python-side state); ``distill``, ``weight_constraint`` and
+``averaging`` are not supported (nothing of the CLIP trains).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from zscl.datasets.streams import mix_seed
+from zscl.evaluation.cache import normalize_images
+from zscl.evaluation.zeroshot import build_classifier, topk_correct
+from zscl.methods.config import resolve_auto
+from zscl.methods.losses import cosine_warmup_factor
+from zscl.methods.module import ContinualCLIP
+from zscl.moe.adapters import MoEAdapters, MoEConfig
+from zscl.moe.ddas import AutoEncoderBank, DDASConfig, build_extractor, clip_features, select_routes
+from zscl.moe.export import export_meta, find_export, load_moe, moe_path, read_moe, save_moe
+
+
+class MoEAdapterCLIP(ContinualCLIP):
+    """MoE-Adapters with DDAS on a frozen open_clip CLIP (see the module docstring).
+
+    Args:
+        moe: the adapters (experts, top-k, bottleneck, activate-freeze).
+        ddas: the test-time selector (extractor, autoencoders, thresholds, per-image/per-batch).
+        **kwargs: :class:`~zscl.methods.ContinualCLIP`'s arguments (``clip``, ``pretrained``,
+            ``init_from``, ``lr``, ``warmup_steps``, ``label_smoothing``, ``export_path``...).
+    """
+
+    def __init__(self, moe: Union[MoEConfig, dict, None] = None, ddas: Union[DDASConfig, dict, None] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.moe_cfg = MoEConfig(**moe) if isinstance(moe, dict) else (moe or MoEConfig())
+        self.ddas_cfg = DDASConfig(**ddas) if isinstance(ddas, dict) else (ddas or DDASConfig())
+        self.moe_cfg.towers = tuple(self.moe_cfg.towers)
+        self._check_supported()
+        self.speed.compile = False
+        self.hparams["moe"], self.hparams["ddas"] = asdict(self.moe_cfg), asdict(self.ddas_cfg)
+        self.hparams["speed"] = asdict(self.speed)
+        # the previous task's adapters; an export given as `pretrained` (no init_from) also carries them
+        prior = find_export(self.hparams.init_from) or (None if self.hparams.init_from else find_export(self.hparams.pretrained))
+        state, done = read_moe(prior)[:2] if prior else ({}, 0)
+        self.task = done  # this module trains task `done` (0-based)
+        self.clip.requires_grad_(False)
+        self.moe = MoEAdapters(self.clip, self.moe_cfg, done + 1)
+        object.__setattr__(self, "extractor", build_extractor(self.ddas_cfg))
+        self.ddas = AutoEncoderBank(self._feature_dim(), self.ddas_cfg, done + 1)
+        if state:
+            load_moe(state, self.moe, self.ddas)
+        self.register_buffer("tasks_done", torch.tensor(done))
+        self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(done)]
+        self.ddas.requires_grad_(False)  # earlier tasks' autoencoders are final
+        self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
+                           for n, p in self.ddas.autoencoders[done].named_parameters()]
+        self._trainable_names = [n for n, _ in self.trainable]
+        self.anchors = []  # no weight constraint: no task-start copy of the CLIP
+        self._finished = False
+        self.route_stats: dict[str, list[float]] = {}
+
+    def _check_supported(self) -> None:
+        h = self.hparams
+        if self.distill.active or h.weight_constraint > 0 or self.averaging:
+            raise ValueError("moe_adapters trains adapters on a frozen CLIP: model.distill, model.weight_constraint "
+                             "and model.averaging must be off")
+        if h.train_mode != "whole":
+            raise ValueError("moe_adapters: model.train_mode must be 'whole'; choose the adapted towers with "
+                             "model.moe.towers (e.g. [image])")
+        if h.weight_decay > 0 and self.moe_cfg.freeze_top > 0:
+            raise ValueError("moe_adapters: model.weight_decay must be 0 (the reference's value): decoupled decay "
+                             "would move the frozen experts")
+
+    def _feature_dim(self) -> int:
+        size = self.bundle.image_size
+        with torch.no_grad():
+            return int(self._ddas_features(torch.zeros(1, 3, size, size)).shape[1])
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    # ----------------------------------------------------------------- training
+    def configure_optimizers(self) -> dict[str, Any]:
+        steps = self.trainer.max_steps
+        if steps is None or steps <= 0:
+            raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
+        h = self.hparams
+        adapters = [p for n, p in self.trainable if n.startswith("moe.")]
+        autoencoder = [p for n, p in self.trainable if n.startswith("ddas.")]
+        # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference.
+        groups = [{"params": adapters, "lr": h.lr, "weight_decay": h.weight_decay},
+                  {"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0}]
+        fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
+        opt = torch.optim.AdamW(groups, betas=tuple(h.betas), fused=fused or None)
+        warmup = h.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: cosine_warmup_factor(k, steps, warmup), lambda k: 1.0])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.extractor is not None:
+            self.extractor.to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Noise and dropout from a generator seeded by the step: a resumed run draws the same numbers.
+        self.moe.seed_step(mix_seed(29, self.task, self.global_step, self.global_rank), self.device)
+        self.moe.recording = True
+        with self.moe.routing(self.task):
+            loss = super().training_step(batch, batch_idx)
+        self.moe.recording = False
+        images = normalize_images(batch["task"][0], self.bundle.mean, self.bundle.std)
+        feats = self._ddas_features(images)
+        steps = self.trainer.max_steps
+        calibrate = self.global_step >= min(int((1 - self.ddas_cfg.calibration_fraction) * steps), steps - 1)
+        ae = self.ddas.training_loss(feats, self.task, calibrate)
+        every = max(int(self.trainer.log_every_n_steps), 1)
+        if (self.global_step + 1) % every == 0:
+            self.log("train/ae", ae.detach(), on_step=True, on_epoch=False, batch_size=1)
+        return loss + ae
+
+    @torch.no_grad()
+    def _ddas_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.extractor is not None:
+            return self.extractor(images)
+        with self.moe.routing(None):  # the frozen CLIP's own features: adapters off
+            return clip_features(self.clip.encode_image(images))
+
+    # ----------------------------------------------------------------- end of task and export
+    def on_train_end(self) -> None:
+        self._finish_task()
+        super().on_train_end()
+
+    def _finish_task(self) -> None:
+        """Activate-freeze and DDAS threshold of this task (once, after training; all ranks agree)."""
+        if self._finished or self._trainer is None or self.trainer.global_step == 0:
+            return
+        distributed = self.trainer.world_size > 1
+        for block in self.moe.blocks:
+            if distributed:
+                block.usage.copy_(self.trainer.strategy.reduce(block.usage, reduce_op="sum"))
+        errors = self.ddas.calibrated_values()
+        if distributed:
+            errors = self.all_gather(errors).flatten()
+        self.moe.freeze_most_used()
+        self.ddas.set_threshold(self.task, errors)
+        self.tasks_done.fill_(self.task + 1)
+        self._finished = True
+
+    def export_weights(self, path: str) -> None:
+        """The (unchanged) CLIP weights at ``path`` and the adapters + autoencoders beside them."""
+        self._finish_task()
+        super().export_weights(path)
+        if self._trainer is None or self._trainer.is_global_zero:
+            meta = export_meta(dict(self.hparams), self.moe_cfg, self.ddas_cfg)
+            save_moe(moe_path(path), self.moe, self.ddas, int(self.tasks_done), meta)
+
+    # ----------------------------------------------------------------- evaluation with DDAS
+    def routes_for(self, images: torch.Tensor) -> torch.Tensor:
+        """DDAS: per image the trained task whose router to use, or -1 (zero-shot CLIP)."""
+        tasks = int(self.tasks_done)
+        if tasks == 0:
+            return torch.full((len(images),), -1, dtype=torch.long, device=images.device)
+        errors = self.ddas.errors(self._ddas_features(images), tasks)
+        return select_routes(errors, self.ddas.thresholds[:tasks], self.ddas_cfg.decision)
+
+    def on_validation_epoch_start(self) -> None:
+        self.start_evaluation(list(self.trainer.datamodule.eval_names))
+
+    def start_evaluation(self, names: list[str]) -> None:
+        """Reset the counters of :meth:`validation_step` for ``names`` (dataloader i = ``names[i]``)."""
+        from zscl.datasets import get_dataset
+
+        self._eval_names, self._specs = names, [get_dataset(n) for n in names]
+        self._classifiers: dict[tuple[int, int], torch.Tensor] = {}
+        self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
+        self._routed = torch.zeros(len(names), int(self.tasks_done) + 1, dtype=torch.long, device=self.device)
+        if self.extractor is not None:
+            self.extractor.to(self.device)
+
+    def _classifier(self, dataset: int, route: int) -> torch.Tensor:
+        """Zero-shot head of an evaluation dataset through task ``route``'s router (-1: plain CLIP), cached."""
+        key = (dataset, route)
+        if key not in self._classifiers:
+            spec = self._specs[dataset]
+            amp = torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else None
+            with self.moe.routing(None if route < 0 else route):
+                self._classifiers[key] = build_classifier(self.clip, self.bundle.tokenizer, spec.classnames,
+                                                          spec.templates, device=self.device, amp_dtype=amp)
+        return self._classifiers[key]
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        images = normalize_images(images, self.bundle.mean, self.bundle.std)
+        routes = self.routes_for(images)
+        with self.moe.routing(routes):
+            feats = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        logits = torch.empty(len(images), self._specs[dataloader_idx].num_classes, device=feats.device)
+        for route in routes.unique().tolist():
+            chosen = routes == route
+            logits[chosen] = 100.0 * feats[chosen] @ self._classifier(dataloader_idx, int(route))
+        self._counts[dataloader_idx, :2] += topk_correct(logits, labels)
+        self._counts[dataloader_idx, 2] += len(labels)
+        self._routed[dataloader_idx] += torch.bincount(routes + 1, minlength=self._routed.shape[1])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        routed = self._routed
+        if self.trainer.world_size > 1:
+            routed = self.trainer.strategy.reduce(routed, reduce_op="sum")
+        # fractions of each dataset's images sent to [zero-shot, task 0, task 1, ...]
+        self.route_stats = {n: (row / max(int(row.sum()), 1)).tolist() for n, row in zip(self._eval_names, routed)}
+
+
+__all__ = ["MoEAdapterCLIP", "MoEConfig", "DDASConfig"]
