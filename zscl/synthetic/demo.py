@@ -71,8 +71,9 @@ def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> di
     from zscl.runner.sequence import SequenceRunner
 
     out = Path(opts.out) / name
-    parser = build_parser()
-    cfg = parser.parse_args(_method_argv(plan, name, opts, world_root, out))
+    argv = _method_argv(plan, name, opts, world_root, out)
+    parser = build_parser(argv)  # a method config's model_class (moe_adapters) picks the module
+    cfg = parser.parse_args(argv)
     return SequenceRunner(parser, cfg).run()
 
 
