@@ -62,3 +62,14 @@ def test_merging_study_runs_every_applicable_rule(tmp_path):
     assert "sparse_soup" in (tmp_path / "merging" / "report.md").read_text()
     with Image.open(tmp_path / "merging" / "merging.png") as img:
         assert img.size[0] > 500
+
+
+def test_every_demo_method_names_a_registered_method_config():
+    from zscl.runner.configs import config_registry
+    from zscl.synthetic.demo import load_plan
+
+    plan = load_plan()
+    names = config_registry("method").names()
+    for key, spec in plan["methods"].items():
+        assert spec["config"] == f"method/{key}.yaml" and key in names, key
+    assert set(plan["default"]) <= set(plan["methods"])

@@ -78,8 +78,8 @@ def test_every_method_config_runs_a_short_sequence(world, name):
 
     def exported(stem: str) -> dict:
         """The task's export: CLIP weights, plus adapters for methods that train them on a frozen CLIP."""
-        files = [out / "checkpoints" / f"{stem}.safetensors", out / "checkpoints" / f"{stem}.moe.safetensors"]
-        return {f"{f.name}:{k}": v for f in files if f.exists() for k, v in load_file(f).items()}
+        files = {"clip": out / "checkpoints" / f"{stem}.safetensors", "moe": out / "checkpoints" / f"{stem}.moe.safetensors"}
+        return {f"{kind}:{k}": v for kind, f in files.items() if f.exists() for k, v in load_file(f).items()}
 
     first, second = exported("00-TinyColors"), exported("01-TinyStripes")
     assert any(not torch.equal(first[k], second[k]) for k in first), f"{name}: the second task changed nothing"

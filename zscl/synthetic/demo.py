@@ -85,8 +85,9 @@ def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> di
     from zscl.runner.configs import with_method_overrides
 
     out = Path(opts.out) / name
-    parser = build_parser()
-    cfg = parser.parse_args(with_method_overrides(_method_argv(plan, name, opts, world_root, out)))
+    argv = with_method_overrides(_method_argv(plan, name, opts, world_root, out))
+    parser = build_parser(argv)  # a method config's model_class (moe_adapters) picks the module
+    cfg = parser.parse_args(argv)
     return make_runner(parser, cfg).run()
 
 
