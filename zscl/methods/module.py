@@ -344,8 +344,9 @@ class ContinualCLIP(L.LightningModule):
         counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 else self._counts
         counts = counts.tolist()
         self.eval_results = {n: Accuracy(*c) for n, c in zip(self._eval_names, counts)}
+        # A subclass with its own validation_step may not count per class (then there are none).
         per_class = [self.trainer.strategy.reduce(c, reduce_op="sum") if self.trainer.world_size > 1 else c
-                     for c in self._class_counts]
+                     for c in getattr(self, "_class_counts", None) or []]
         self.eval_per_class = {n: c.tolist() for n, c in zip(self._eval_names, per_class)}  # [[correct, n], ...]
         for name, acc in self.eval_results.items():
             self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, add_dataloader_idx=False)

@@ -148,9 +148,10 @@ class ClassIncrementalRunner(_KillHook, SequenceRunner):
         name = dm.eval_names[0]
         k = self.seen_views.index(name)
         acc = module.eval_results[name]
-        per_class = module.eval_per_class[name]
+        per_class = module.eval_per_class.get(name)  # None: the method's module does not count per class
         self.results["seen_classes"].append(list(self.seen[k]))
-        self.results["per_class_accuracy"].append([100.0 * c / n if n else None for c, n in per_class])
+        self.results["per_class_accuracy"].append(None if per_class is None else
+                                                  [100.0 * c / n if n else None for c, n in per_class])
         self.results["n_test"].append(acc.n)
         return acc.top1, acc.top5
 
