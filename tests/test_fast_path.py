@@ -2,7 +2,7 @@
 
 The module runs through a real Lightning fit (its own concatenated student forward, teacher
 text embeddings cached once, WC folded into the gradient after backward). The reference below
-is written straight from the ZSCL recipe (docs: NOTES §1), in fp32 with nothing shared: separate
+is written straight from the ZSCL recipe (the README's "One training step"), in fp32 with nothing shared: separate
 student forwards for task and reference images, teacher text embeddings recomputed from the
 tokens, KD written out, WC added to the loss with a Python loop, autograd for everything.
 """

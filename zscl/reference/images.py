@@ -156,7 +156,7 @@ def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform:
 
     Resampled shards never run dry, so every rank can draw the same number of batches;
     ``split_by_node``/``split_by_worker`` keep ranks and workers on distinct shards
-    (webdataset's default ``single_node_only`` raises under DDP, NOTES §4).
+    (webdataset's default node splitter, ``single_node_only``, raises under DDP).
     """
     import webdataset as wds
 
