@@ -47,8 +47,13 @@ def kd(teacher_logits, student_logits):
     return -(target * torch.log_softmax(student_logits / T, dim=1)).sum(dim=1).mean() * T**2
 
 
-def plain_step(student, teacher, tokenizer, prompts, ref_tokens, batch, *, train_mode, text_mode):
-    """One ZSCL iteration as the recipe states it; returns (loss, {name: grad})."""
+def plain_step(student, teacher, tokenizer, prompts, ref_tokens, batch, *, train_mode, text_mode,
+               anchors=None, text_subset=None):
+    """One ZSCL iteration as the recipe states it; returns (loss, {name: grad}).
+
+    ``anchors``: WC's task-start weights by name (default: the teacher's, i.e. a first task);
+    ``text_subset``: indices of the reference texts the paper-mode text loss uses this step.
+    """
     images, labels = batch["task"]
     ref = batch["ref"]
     for name, p in student.named_parameters():
@@ -68,10 +73,11 @@ def plain_step(student, teacher, tokenizer, prompts, ref_tokens, batch, *, train
     if text_mode == "coded":
         loss = loss + kd(t.t(), u.t())
     else:  # the paper's text side: the student's own embeddings of the reference texts
-        g_ref_student = F.normalize(student.encode_text(ref_tokens), dim=-1)
-        loss = loss + kd(t.t(), (scale * f_ref @ g_ref_student.t()).t())
-    # WC, lambda = 1: the anchor is the task-start model, here the initial (teacher) weights.
-    anchors = dict(teacher.named_parameters())
+        keep = slice(None) if text_subset is None else text_subset
+        g_ref_student = F.normalize(student.encode_text(ref_tokens[keep]), dim=-1)
+        loss = loss + kd(t[:, keep].t(), (scale * f_ref @ g_ref_student.t()).t())
+    # WC, lambda = 1: the anchor is the task-start model (for a first task, the initial weights).
+    anchors = dict(teacher.named_parameters()) if anchors is None else anchors
     for name, p in student.named_parameters():
         if p.requires_grad:
             loss = loss + ((p - anchors[name]) ** 2).sum()
@@ -146,3 +152,52 @@ def test_teacher_is_frozen_and_outside_the_module():
     teacher_ids = {id(p) for p in module.teacher.parameters()}
     assert not teacher_ids & {id(p) for p in module.parameters()}
     assert all(module.teacher is not m for m in module.modules())
+
+
+class CaptureWithMember(Capture):
+    """Also the weights after iteration 0: the WE member that joins the task-start weights."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == 1:
+            self.after_first = {n: p.detach().clone() for n, p in pl_module.clip.named_parameters()}
+
+
+def test_second_task_distils_to_the_initial_model_and_anchors_to_the_previous_export(tmp_path):
+    """Task 2 starts from task 1's export θ1 ≠ θ0: teacher = θ0, WC anchor = θ1, WE's first member = θ1."""
+    from zscl.models import load_clip, save_state_dict
+
+    torch.manual_seed(0)
+    initial = load_clip(MODEL).model
+    save_state_dict(initial.state_dict(), tmp_path / "initial.safetensors")
+    exported = copy.deepcopy(initial)
+    perturb_(exported)  # stands for task 1's export
+    save_state_dict(exported.state_dict(), tmp_path / "task1.safetensors")
+    theta0 = dict(load_clip(MODEL, str(tmp_path / "initial.safetensors")).model.named_parameters())
+    theta1 = dict(load_clip(MODEL, str(tmp_path / "task1.safetensors")).model.named_parameters())
+
+    module = build_module(MODEL, "zscl", compile="off", pretrained=str(tmp_path / "initial.safetensors"),
+                          init_from=str(tmp_path / "task1.safetensors"))
+    assert all(torch.equal(p, theta0[n]) for n, p in module.teacher.named_parameters())
+    assert all(torch.equal(a, theta1[n]) for n, a in zip(module._trainable_names, module.anchors))
+    assert not torch.equal(theta0["visual.proj"], theta1["visual.proj"])
+
+    data = RandomBatches(module.bundle.image_size, batch=6, ref_batch=5, classes=7, ref_texts=9, seed=1)
+    capture = CaptureWithMember()
+    make_trainer(torch.device("cpu"), "32-true", max_steps=3, callbacks=[capture]).fit(module, datamodule=data)
+
+    teacher = load_clip(MODEL, str(tmp_path / "initial.safetensors")).model.eval()
+    anchors = {n: p.detach() for n, p in theta1.items()}
+    loss, grads = plain_step(capture.student, teacher, module.bundle.tokenizer, data.spec.prompts(),
+                             data.reference_tokens(module.bundle.tokenizer), capture.batch, train_mode="whole",
+                             text_mode="coded", anchors=anchors)
+    module_loss = capture.loss + wc_value(capture.student, load_clip(MODEL, str(tmp_path / "task1.safetensors")).model,
+                                          "whole")
+    torch.testing.assert_close(module_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        tol = 1e-5 * grad.abs().max().item()
+        torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")
+    # WE (every 100, 3 steps): mean(θ_start, θ after iteration 0), with θ_start the previous export.
+    for name, p in module.clip.named_parameters():
+        expected = (theta1[name].detach() + capture.after_first[name]) / 2
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
