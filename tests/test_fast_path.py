@@ -201,3 +201,85 @@ def test_second_task_distils_to_the_initial_model_and_anchors_to_the_previous_ex
     for name, p in module.clip.named_parameters():
         expected = (theta1[name].detach() + capture.after_first[name]) / 2
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+class TextSubsets(L.Callback):
+    """Which reference texts the student text tower encodes at each step, read from its token embedding.
+
+    ``losses[k]`` is step k's returned loss. Rows of the embedding's input that are reference texts
+    (not class prompts) are mapped back to their indices among all reference texts.
+    """
+
+    def __init__(self, ref_tokens: torch.Tensor):
+        self.ref_rows = {tuple(row.tolist()): i for i, row in enumerate(ref_tokens)}
+        self.subsets: dict[int, list[int]] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.active = False
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(module, args, output):
+            rows = [self.ref_rows.get(tuple(r.tolist())) for r in args[0]]
+            if self.active and rows and all(i is not None for i in rows):
+                self.subsets[pl_module.global_step] = rows
+        pl_module.clip.token_embedding.register_forward_hook(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.active = False
+        self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
+
+
+def _paper_module():
+    torch.manual_seed(0)
+    module = build_module(MODEL, "zscl_paper_text", compile="off", text_batch=4)
+    perturb_(module.clip)
+    data = RandomBatches(module.bundle.image_size, batch=6, ref_batch=5, classes=7, ref_texts=9, seed=1)
+    return module, data
+
+
+def _checkpointing_trainer(max_steps, callbacks, folder):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every2 = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     callbacks=[*callbacks, every2])
+
+
+def test_paper_text_batch_samples_per_step_resumes_and_its_loss_is_the_subset_loss(tmp_path):
+    """``text_mode: paper`` with ``text_batch``: text_batch of the 9 texts per step, different at different
+    steps, the same after a resume, and the loss is the hand-written one on exactly those texts."""
+    module, data = _paper_module()
+    tokens = data.reference_tokens(module.bundle.tokenizer)
+    capture, subsets = Capture(), TextSubsets(tokens)
+    _checkpointing_trainer(4, [capture, subsets], tmp_path / "ckpt").fit(module, datamodule=data)
+    assert sorted(subsets.subsets) == [0, 1, 2, 3]
+    assert all(len(set(s)) == 4 for s in subsets.subsets.values())
+    assert len({tuple(sorted(s)) for s in subsets.subsets.values()}) > 1, "the same texts at every step"
+
+    teacher = load_teacher_like(module)
+    subset = torch.tensor(subsets.subsets[0])
+    loss, grads = plain_step(capture.student, teacher, module.bundle.tokenizer, data.spec.prompts(), tokens,
+                             capture.batch, train_mode="whole", text_mode="paper", text_subset=subset)
+    torch.testing.assert_close(capture.loss + wc_value(capture.student, teacher, "whole"), loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        tol = 1e-5 * grad.abs().max().item()
+        torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")
+
+    resumed, data2 = _paper_module()
+    again = TextSubsets(tokens)
+    _checkpointing_trainer(4, [again], tmp_path / "ckpt2").fit(resumed, datamodule=data2,
+                                                              ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert sorted(again.subsets) == [2, 3]
+    assert all(again.subsets[k] == subsets.subsets[k] for k in (2, 3))
+    assert all(torch.equal(again.losses[k], subsets.losses[k]) for k in (2, 3))
+
+
+def load_teacher_like(module):
+    """The module's initial (teacher) weights rebuilt outside it: the same seeded random init, unperturbed."""
+    from zscl.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip(MODEL).model.eval()
