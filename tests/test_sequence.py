@@ -159,6 +159,29 @@ def test_missing_reference_data_fails_before_any_work(world):
     assert not (world / "runs" / "bad2" / "results.json").exists()
 
 
+def test_every_missing_dataset_split_and_the_reference_data_are_listed_in_one_message(world, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"  # TinyColors without its test split, no TinyStripes, images but no captions
+    shutil.copytree(world / "tiny" / "TinyColors" / "train", partial / "tiny" / "TinyColors" / "train")
+    shutil.copytree(world / "tiny" / "reference" / "images", partial / "tiny" / "reference" / "images")
+    datasets = tmp_path / "datasets.yaml"  # class names listed: registering a dataset then reads no folder
+    datasets.write_text("- {name: TinyColors, kind: imagefolder, path: tiny/TinyColors, classnames: [blue, green, red]}\n"
+                        "- {name: TinyStripes, kind: imagefolder, path: tiny/TinyStripes, "
+                        "classnames: [horizontal, vertical]}\n")
+    out = tmp_path / "run"
+    proc = run_zscl(*sequence_args(world, out), "--data.data_root", str(partial), "--data.custom_datasets",
+                    str(datasets), "--data.cache_dir", str(tmp_path / "cache"), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zscl sequence: 3 input(s) of this sequence are missing"), lines
+    parts = lines[0].split(" | ")
+    assert "TinyColors (test): " in parts[0] and str(partial / "tiny" / "TinyColors" / "test") in parts[0]
+    assert parts[1].startswith("TinyStripes (train, test): ") and str(partial / "tiny" / "TinyStripes") in parts[1]
+    assert parts[2].startswith("ZSCL needs reference data") and "captions.tsv" in parts[2]
+    assert not out.exists() and not (tmp_path / "cache").exists(), "nothing is written before the check"
+
+
 def test_checkpoint_of_another_architecture_is_rejected(world, tmp_path):
     from zscl.models import load_clip, save_state_dict
 

@@ -121,9 +121,13 @@ class SequenceRunner:
         self._preflight()
 
     def _preflight(self) -> None:
-        """Bad inputs fail here, before any evaluation or training."""
+        """Bad inputs fail here, before any evaluation, caching or training.
+
+        Unknown names fail first (with suggestions); then every split the sequence will read (each
+        task's train split, each evaluated dataset's test split) is built and the reference data is
+        looked up, and everything that is missing is reported in one message.
+        """
         from zscl.datasets import get_dataset
-        from zscl.methods.config import Distillation
 
         for name in self.task_names + self.eval_names:
             get_dataset(name)  # RegistryError with suggestions
@@ -131,9 +135,37 @@ class SequenceRunner:
             from zscl.merging import MERGE_RULES
 
             MERGE_RULES.get(self.continual.merge)
+        missing = self._missing_inputs()
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} input(s) of this sequence are missing (nothing was run): "
+                                    + " | ".join(missing))
+
+    def _missing_inputs(self) -> list[str]:
+        """One line per missing dataset (naming its splits and expected layout) or missing reference data."""
+        from zscl.datasets import build_dataset, get_dataset
+        from zscl.methods.config import Distillation
+
+        splits: dict[str, list[str]] = {}
+        for name, split in [(n, "train") for n in self.task_names] + [(n, "test") for n in self.eval_names]:
+            needed = splits.setdefault(get_dataset(name).name, [])
+            needed += [split] if split not in needed else []
+        missing = []
+        for name, needed in splits.items():
+            errors = {}
+            for split in needed:
+                try:
+                    build_dataset(name, self.cfg.data.data_root, split, None)  # lists files; decodes no image
+                except (FileNotFoundError, ValueError) as err:
+                    errors[split] = str(err)
+            if errors:
+                missing.append(f"{name} ({', '.join(errors)}): {next(iter(errors.values()))}")
         distill = self.cfg.model.distill
         if distill is not None and Distillation(**vars(distill)).active:
-            self._datamodule_only().check_reference()
+            try:
+                self._datamodule_only().check_reference()
+            except FileNotFoundError as err:
+                missing.append(str(err))
+        return missing
 
     def _datamodule_only(self):
         from zscl.methods.datamodule import ContinualDataModule
