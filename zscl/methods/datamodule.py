@@ -7,7 +7,7 @@
   ``trainer.global_step``, which Lightning restores before it asks for the loader).
 * The reference stream (only when the method distils) is independent of the task stream:
   its own seed, the *test* transform as in the paper, and its own batch size (default: the
-  task batch size). Webdataset shards stream with resampling instead.
+  task batch size). Webdataset shards stream with resampling, also resuming at the step.
 * Evaluation: one loader per evaluation dataset, each rank reading a contiguous shard, from
   the preprocessed uint8 cache by default.
 """
@@ -135,10 +135,9 @@ class ContinualDataModule(L.LightningDataModule):
     def _reference_loader(self, step: int, rank: int, world: int, pin: bool):
         cfg, tf = self.reference_images, self._uint8(self._bundle.test_transform)
         if cfg.source == "wds":
-            import webdataset as wds
-
-            stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1)
-            return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
+            stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1,
+                                          start_step=step, rank=rank, world_size=world)
+            return stream_loader(stream, self.num_workers, pin)
         dataset = reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir)
         stream = StepBatchStream(dataset, self.reference_batch_size, seed=self.seed + 1, start_step=step,
                                  rank=rank, world_size=world)

@@ -8,8 +8,8 @@ reference batch per task batch. Sources:
   ImageNet-style tree, or a flat folder);
 * ``csv``: a CSV/TSV whose ``column`` holds image paths (the Conceptual Captions validation
   file: tab-separated, ``filepath`` and ``title``), relative to the file's folder;
-* ``wds``: webdataset shards (brace patterns allowed), streamed with resampled shards and
-  ``split_by_node``, so every DDP rank draws an endless, distinct stream.
+* ``wds``: webdataset shards (brace patterns allowed), resampled into an endless stream per DDP
+  rank and loader worker that resumes exactly (:mod:`zscl.reference.wds`).
 
 Relative paths resolve against the data root.
 """
@@ -134,36 +134,14 @@ def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Cal
     return dataset
 
 
-class _FirstImage:
-    """Picklable webdataset map: the first image field of a sample, transformed."""
-
-    KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-
-    def __init__(self, transform: Callable | None) -> None:
-        self.transform = transform
-
-    def __call__(self, sample: dict) -> Any:
-        for key in self.KEYS:
-            if key in sample:
-                img = sample[key].convert("RGB")
-                return self.transform(img) if self.transform is not None else img
-        raise KeyError(f"webdataset sample {sample.get('__key__')} has no image field ({', '.join(self.KEYS)})")
-
-
 def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
-                         batch_size: int, seed: int = 0):
-    """An endless webdataset pipeline of reference-image batches, DDP- and worker-safe.
+                         batch_size: int, seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    """An endless, resumable stream of reference-image batches from webdataset shards (brace patterns
+    allowed): batch k is the same after a resume at step k (see :mod:`zscl.reference.wds`)."""
+    from webdataset.shardlists import expand_urls
 
-    Resampled shards never run dry, so every rank can draw the same number of batches;
-    ``split_by_node``/``split_by_worker`` keep ranks and workers on distinct shards
-    (webdataset's default node splitter, ``single_node_only``, raises under DDP).
-    """
-    import webdataset as wds
+    from zscl.reference.wds import WdsBatchStream
 
     pattern = cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root))
-    dataset = wds.WebDataset(
-        pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker, seed=seed, handler=wds.warn_and_continue, empty_check=False,
-    )
-    stream = dataset.shuffle(1000, seed=seed).decode("pil").map(_FirstImage(transform))
-    return stream.batched(batch_size, collation_fn=torch.stack, partial=False)
+    return WdsBatchStream(expand_urls(pattern), transform, batch_size, seed=seed, start_step=start_step,
+                          rank=rank, world_size=world_size)
