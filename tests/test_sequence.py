@@ -143,7 +143,7 @@ def test_finetune_sequence_end_to_end(world, reference_run):
 def kill_then_resume(args: list[str], out: Path, task: int = 1, step: int = 5) -> None:
     """Run until SIGKILL right after step ``step`` of task ``task`` (mid-task: checkpoints every 2 steps),
     check what the crash left, then rerun the same command to completion."""
-    killed = run_zscl(*args, check=False, env={"ZSCL_TEST_KILL_AT": f"{task}:{step}"})
+    killed = run_zscl(*args, check=False, env={"ZSCL_KILL_AT": f"{task}:{step}"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     slug = "01-TinyStripes"
     ckpt = torch.load(out / "tasks" / slug / "last.ckpt", map_location="cpu", weights_only=False)
@@ -319,3 +319,17 @@ def test_merge_based_methods_evaluate_the_merge_of_trained_weights(world, method
     logged = (out / "logs" / "csv" / "01-TinyStripes" / "hparams.yaml").read_text()
     start = yaml.safe_load(next(line for line in logged.splitlines() if line.startswith("init_from:")))["init_from"]
     assert (start is None) if init == "independent" else start.endswith("trained/00-TinyColors.safetensors")
+
+
+@pytest.mark.parametrize("method", ["lwf", "icarl"])
+def test_sigkill_resume_of_the_papers_baselines_is_bit_identical(world, method):
+    """LwF (task-start teacher, its own reference stream over the task split) and iCaRL (an exemplar
+    memory written between tasks) resume mid-task to the uninterrupted run's matrix, weights and memory."""
+    extra = ("--continual.memory.size", "5") if method == "icarl" else ()
+    ref, out = world / "runs" / f"{method}-ref", world / "runs" / f"{method}-killed"
+    run_zscl(*sequence_args(world, ref, f"method/{method}", *extra))
+    kill_then_resume(sequence_args(world, out, f"method/{method}", *extra), out, step=3)
+    assert_same_run(out, ref)
+    for memory in sorted((ref / "memory").glob("*.json")):
+        assert (out / "memory" / memory.name).read_bytes() == memory.read_bytes()
+    assert (method == "icarl") == bool(list((ref / "memory").glob("*.json")))

@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from zscl.reference.memory import ExemplarMemory
 from zscl.runner.configs import task_dataset, task_overlay
-from zscl.runner.faults import kill_callback
+from zscl.utils.testing import kill_callback
 from zscl.runner.progress import AtomicCheckpointIO, progress_bar
 from zscl.utils.io import write_json_atomic
 
@@ -263,7 +263,7 @@ class SequenceRunner:
             ckpt_dir = self.out / "tasks" / self._slug(k)
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=self.opts.checkpoint_every,
                                              save_top_k=0, save_last=True, save_on_exception=False))
-            kill = kill_callback(k)  # test hook: only when ZSCL_TEST_KILL_AT is set
+            kill = kill_callback(k)  # test hook: only when ZSCL_KILL_AT=T:K is set
             callbacks += [kill] if kill is not None else []
             kwargs["logger"] = [CSVLogger(self.out / "logs", name="csv", version=self._slug(k)),
                                 TensorBoardLogger(self.out / "logs", name="tb", version=self._slug(k))]
