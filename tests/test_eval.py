@@ -133,3 +133,13 @@ def test_zscl_eval_errors_name_the_problem(tmp_path, capsys):
         main(["eval", "--model", "zscl-tiny-vit", "--datasets", "DTD", "--data-root", str(tmp_path), "--progress", "false"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "DTD not found under" in err and "dtd/dtd/images" in err
+
+
+@pytest.mark.parametrize("cores,expected", [(2, 2), (1, 1), (16, 4)])
+def test_eval_loader_workers_default_to_the_usable_cores(monkeypatch, cores, expected):
+    import os
+
+    from zscl.cli.eval import build_parser
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert build_parser().get_defaults().num_workers == expected

@@ -79,7 +79,7 @@ def _run_here(argv: list[str]) -> dict:
 
 
 def _killed_then_resumed(argv: list[str], kill_at: str) -> dict:
-    env = {**os.environ, "ZSCL_KILL_AT": f"train-step:{kill_at}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ZSCL_KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}  # T:K, the runner's kill hook
     proc = subprocess.run([sys.executable, "-m", "zscl", "sequence", *argv], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     return _run_here(argv)

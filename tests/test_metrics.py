@@ -202,6 +202,15 @@ def test_cli_table_and_plots(tmp_path, capsys):
         assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_plots_into_an_unwritable_folder_exit_2_with_one_line(tmp_path, capsys):
+    path = _write(tmp_path, {"datasets": NAMES3, "accuracy": A3})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a folder below a file cannot be created, even by root
+    assert metrics_main([str(path), "--plot", str(blocker / "figs"), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"zscl metrics: cannot write plots to {blocker / 'figs'}: ") and len(err.splitlines()) == 1
+
+
 # -- plots ----------------------------------------------------------------------------------
 
 

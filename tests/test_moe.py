@@ -236,17 +236,6 @@ def test_ddas_routes_trained_tasks_to_their_router_and_new_tasks_to_zero_shot(on
 
 
 # ---------------------------------------------------------------------------- end to end
-class KillAt(L.Callback):
-    """SIGKILLs the process after global step ``step`` of task ``task`` (a deterministic crash point)."""
-
-    def __init__(self, task: int, step: int) -> None:
-        self.task, self.step = task, step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if getattr(pl_module, "task", None) == self.task and trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_sequence_end_to_end_and_sigkill_resume_is_bit_identical(tmp_path):
     import json
@@ -264,11 +253,10 @@ def test_sequence_end_to_end_and_sigkill_resume_is_bit_identical(tmp_path):
                 "--out", str(out), "--checkpoint_every", "2", "--progress", "none", "--model.moe.num_experts", "4"]
 
     run_zscl(*args(tmp_path / "ref"))
-    kill = tmp_path / "kill.yaml"
-    kill.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_moe.KillAt\n      init_args: {task: 1, step: 3}\n")
     import subprocess
 
-    killed = subprocess.run(zscl_cmd(*args(tmp_path / "killed"), "--config", str(kill)), capture_output=True, text=True)
+    env = {**os.environ, "ZSCL_KILL_AT": "1:3"}  # SIGKILL after step 3 of task 1 (checkpoints every 2)
+    killed = subprocess.run(zscl_cmd(*args(tmp_path / "killed")), capture_output=True, text=True, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "tasks" / "01-TinyStripes" / "last.ckpt").exists()
     rerun = run_zscl(*args(tmp_path / "killed"))

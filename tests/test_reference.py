@@ -77,16 +77,32 @@ def test_missing_reference_images_are_a_clear_error(tmp_path):
         reference_image_dataset(ReferenceImages(source="folder", path="nope"), tmp_path, None)
 
 
-def test_webdataset_stream_is_endless_batched_and_split_by_rank(pool, monkeypatch):
-    cfg = ReferenceImages(source="wds", path="shards/ref-{000000..000001}.tar")
-    batches = list(itertools.islice(iter(reference_wds_stream(cfg, pool, to_tensor, batch_size=3, seed=1)), 5))
-    assert len(batches) == 5 and all(b.shape == (3, 3, 6, 6) for b in batches)  # 8 samples, 15 drawn: it cycles
-    import webdataset.utils as wutils
+def _wds_batches(pool, n, *, start_step=0, rank=0, workers=0, seed=1):
+    from zscl.datasets.streams import stream_loader
 
-    monkeypatch.setattr(wutils, "pytorch_worker_info", lambda group=None: (1, 2, 0, 1))  # rank 1 of 2
-    other = list(itertools.islice(iter(reference_wds_stream(cfg, pool, to_tensor, batch_size=3, seed=1)), 5))
-    assert len(other) == 5
+    cfg = ReferenceImages(source="wds", path="shards/ref-{000000..000001}.tar")
+    stream = reference_wds_stream(cfg, pool, to_tensor, batch_size=3, seed=seed, start_step=start_step, rank=rank,
+                                  world_size=2 if rank else 1)
+    return list(itertools.islice(iter(stream_loader(stream, workers)), n))
+
+
+def test_webdataset_stream_is_endless_batched_seeded_and_distinct_per_rank(pool):
+    batches = _wds_batches(pool, 5)
+    assert len(batches) == 5 and all(b.shape == (3, 3, 6, 6) for b in batches)  # 8 samples, 15 drawn: it cycles
+    values = {int(v) for b in batches for v in b[:, 0, 0, 0]}
+    assert values <= {100 + 10 * s + i for s in range(2) for i in range(4)}
+    assert all(torch.equal(a, b) for a, b in zip(batches, _wds_batches(pool, 5))), "a run is reproducible"
+    assert any(not torch.equal(a, b) for a, b in zip(batches, _wds_batches(pool, 5, seed=2)))
+    other = _wds_batches(pool, 5, rank=1)
     assert any(not torch.equal(a, b) for a, b in zip(batches, other)), "ranks must not draw the same stream"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_stream_resumed_at_step_k_continues_the_uninterrupted_stream(pool, workers):
+    uninterrupted = _wds_batches(pool, 9, workers=workers)
+    for k in (3, 4):  # both worker roles come first after a resume at an odd and an even step
+        resumed = _wds_batches(pool, 9 - k, start_step=k, workers=workers)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[k:]))
 
 
 def test_caption_wds_and_classname_texts(pool):

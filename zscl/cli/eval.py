@@ -25,7 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-root", type=str, default="data", help="folder holding the datasets in their torchvision layouts")
     p.add_argument("--split", type=Literal["train", "test"], default="test")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=default_workers(),
+                   help="loader worker processes (default: min(4, the CPU cores this process may use))")
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", type=Literal["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype (auto: bf16 on GPUs that support it, fp32 on CPU)")
@@ -38,6 +39,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", type=Optional[str], default=None, help="also write the results to this JSON file")
     p.add_argument("--progress", type=bool, default=True)
     return p
+
+
+def default_workers(most: int = 4) -> int:
+    """``min(most, usable cores)``: more workers than cores only add start-up cost (and a torch warning)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(most, cores))
 
 
 def resolve_device(name: str):

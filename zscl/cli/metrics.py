@@ -5,7 +5,7 @@ optionally ``zero_shot`` (a list of n, or {name: accuracy}); a sequence run's re
 qualifies. A class-incremental run's results.json (``"setting": "cil"``) gives Avg and Last over
 its steps instead. ``--method NAME`` picks one run of a ``{"results": [{"method", "datasets",
 "accuracy"}, ...]}`` file such as the paper's published MTIL matrices.
-Exit codes: 0 success, 2 unreadable or malformed input, 1 plots could not be written.
+Exit codes: 0 success, 2 unreadable or malformed input, or plots that cannot be written.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def main(argv: list[str]) -> int:
         try:
             written = _plot(m, Path(args.plot), args.method or Path(args.file).stem)
         except OSError as err:
-            print(f"{PROG}: cannot write plots to {args.plot}: {err}", file=sys.stderr)
-            return 1
+            reason = err.strerror or str(err).splitlines()[0]
+            print(f"{PROG}: cannot write plots to {args.plot}: {reason}", file=sys.stderr)
+            return 2
         # With --json, stdout carries the JSON object only.
         print(f"wrote {' and '.join(map(str, written))}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -7,8 +7,8 @@
   ``trainer.global_step``, which Lightning restores before it asks for the loader).
 * The reference stream (only when the method distils) is independent of the task stream:
   its own seed, the *test* transform as in the paper, and its own batch size (default: the
-  task batch size). Webdataset shards stream with resampling instead. With the ``task``
-  source (LwF) it is a second, independently seeded stream over the task's own train split.
+  task batch size). Webdataset shards stream with resampling, also resuming at the step. With the
+  ``task`` source (LwF) it is a second, independently seeded stream over the task's own train split.
 * Evaluation: one loader per evaluation dataset, each rank reading a contiguous shard, from
   the preprocessed uint8 cache by default.
 * Unreadable images (:mod:`zscl.datasets.badimages`): in training and reference streams they are
@@ -175,7 +175,8 @@ class ContinualDataModule(L.LightningDataModule):
         if cfg.source == "wds":
             records: list = []
             stream = reference_wds_stream(cfg, self.data_root, tf, self.reference_batch_size, seed=self.seed + 1,
-                                          records=records, skip_unreadable=self.skip_bad)
+                                          start_step=step, rank=rank, world_size=world, records=records,
+                                          skip_unreadable=self.skip_bad)
             return reporting_loader(stream, records, self.bad_images, "reference", self.num_workers, pin)
         dataset = SafeImages(reference_image_dataset(cfg, self.data_root, tf, cache_dir=self.cache_dir))
         left_out = getattr(dataset.dataset, "excluded", [])  # a cached pool leaves unreadable images out

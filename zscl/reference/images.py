@@ -8,8 +8,8 @@ reference batch per task batch. Sources:
   ImageNet-style tree, or a flat folder);
 * ``csv``: a CSV/TSV whose ``column`` holds image paths (the Conceptual Captions validation
   file: tab-separated, ``filepath`` and ``title``), relative to the file's folder;
-* ``wds``: webdataset shards (brace patterns allowed), streamed with resampled shards and
-  ``split_by_node``, so every DDP rank draws an endless, distinct stream;
+* ``wds``: webdataset shards (brace patterns allowed), resampled into an endless stream per DDP
+  rank and loader worker that resumes exactly (:mod:`zscl.reference.wds`);
 * ``task``: the current task's own training split (LwF, LwF-VR: the reference code's
   ``--ref-dataset <current task>``); the data module resolves it to ``dataset``;
 * ``memory``: iCaRL's exemplar memory file (``path``), written by the sequence runner after
@@ -153,72 +153,17 @@ def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Cal
     return dataset
 
 
-class _FirstImage:
-    """Picklable webdataset stage: the first image field of each sample, decoded, RGB, transformed.
-
-    An undecodable sample is skipped and its ``(shard#key, reason)`` appended to ``records``
-    (or, with ``skip=False``, raised as :class:`~zscl.datasets.badimages.UnreadableImageError`).
-    """
-
-    KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-
-    def __init__(self, transform: Callable | None, records: list, skip: bool = True) -> None:
-        self.transform, self.records, self.skip = transform, records, skip
-
-    def decode(self, sample: dict) -> Any:
-        for key in self.KEYS:
-            if key in sample:
-                with Image.open(io.BytesIO(sample[key])) as img:
-                    img = img.convert("RGB")
-                return self.transform(img) if self.transform is not None else img
-        raise KeyError(f"webdataset sample {sample.get('__key__')} has no image field ({', '.join(self.KEYS)})")
-
-    def __call__(self, samples):
-        from zscl.datasets.badimages import UNREADABLE, UnreadableImageError
-
-        for sample in samples:
-            try:
-                yield self.decode(sample)
-            except UNREADABLE as err:
-                bad = UnreadableImageError.of(f"{sample.get('__url__')}#{sample.get('__key__')}", err)
-                if not self.skip:
-                    raise bad from err
-                self.records.append((bad.path, bad.reason))
-
-
-class _ShardHandler:
-    """webdataset's error handler: a shard that cannot be opened or read is skipped and named."""
-
-    def __init__(self, records: list, skip: bool = True) -> None:
-        self.records, self.skip = records, skip
-
-    def __call__(self, exn: BaseException) -> bool:
-        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?") if exn.args else "?"
-        reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
-        # Records are drained with every batch: this many without a batch means no shard can be read.
-        if not self.skip or len(self.records) > 1000:
-            raise FileNotFoundError(f"unreadable webdataset shard {url} ({reason})") from exn
-        self.records.append((f"shard {url}", reason))
-        return True
-
-
 def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
-                         batch_size: int, seed: int = 0, records: Optional[list] = None, skip_unreadable: bool = True):
-    """An endless webdataset pipeline of reference-image batches, DDP- and worker-safe.
+                         batch_size: int, seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1,
+                         records: Optional[list] = None, skip_unreadable: bool = True):
+    """An endless, resumable stream of reference-image batches from webdataset shards (brace patterns
+    allowed): batch k is the same after a resume at step k (see :mod:`zscl.reference.wds`). Corrupt
+    samples and shards that cannot be read are skipped and recorded in ``records`` as ``(where, reason)``."""
+    from webdataset.shardlists import expand_urls
 
-    Resampled shards never run dry, so every rank can draw the same number of batches;
-    ``split_by_node``/``split_by_worker`` keep ranks and workers on distinct shards
-    (webdataset's default ``single_node_only`` raises under DDP). Corrupt samples and
-    shards that cannot be opened are skipped, and recorded in ``records`` as ``(where, reason)``.
-    """
-    import webdataset as wds
+    from zscl.reference.wds import WdsBatchStream
 
     records = [] if records is None else records
     pattern = cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root))
-    dataset = wds.WebDataset(
-        pattern, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker, seed=seed, handler=_ShardHandler(records, skip_unreadable),
-        empty_check=False,
-    )
-    stream = dataset.shuffle(1000, seed=seed).compose(_FirstImage(transform, records, skip_unreadable))
-    return stream.batched(batch_size, collation_fn=torch.stack, partial=False)
+    return WdsBatchStream(expand_urls(pattern), transform, batch_size, seed=seed, start_step=start_step,
+                          rank=rank, world_size=world_size, records=records, skip_unreadable=skip_unreadable)

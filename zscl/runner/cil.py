@@ -26,34 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import lightning as L
-
 from zscl.runner.sequence import SequenceRunner, is_rank_zero, say
 from zscl.utils.io import write_json_atomic
-
-
-class _KillAt(L.Callback):
-    """Crash-safety tests: after training step ``s`` of task ``k``, the kill point ``train-step:k:s``
-    (``ZSCL_KILL_AT=train-step:k:s`` SIGKILLs the process there; :mod:`zscl.utils.testing`). Lightning
-    runs checkpoint callbacks after the others, so a checkpoint due at an earlier step is on disk."""
-
-    def __init__(self, task: int) -> None:
-        self.task = task
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from zscl.utils.testing import kill_point
-
-        kill_point(f"train-step:{self.task}:{trainer.global_step}")
-
-
-class _KillHook:
-    """Mixin adding :class:`_KillAt` to training trainers when ``ZSCL_KILL_AT`` names a training step."""
-
-    def _trainer(self, kwargs, k, description):
-        trainer = super()._trainer(kwargs, k, description)  # type: ignore[misc]
-        if k is not None and os.environ.get("ZSCL_KILL_AT", "").startswith("train-step:"):
-            trainer.callbacks.append(_KillAt(k))
-        return trainer
 
 
 def class_steps(order: Sequence[int], initial: int, increment: int) -> list[list[int]]:
@@ -78,7 +52,7 @@ def _world_size(trainer_cfg: Any) -> int:
     return n * max(int(getattr(trainer_cfg, "num_nodes", 1) or 1), 1)
 
 
-class ClassIncrementalRunner(_KillHook, SequenceRunner):
+class ClassIncrementalRunner(SequenceRunner):
     """A CIL benchmark (module docstring); ``cfg.benchmark.classes`` says how classes are split."""
 
     def __init__(self, parser, cfg) -> None:
@@ -169,7 +143,7 @@ class ClassIncrementalRunner(_KillHook, SequenceRunner):
         say(f"wrote {self._results_path()}")
 
 
-class FewShotRunner(_KillHook, SequenceRunner):
+class FewShotRunner(SequenceRunner):
     """MTIL with ``cfg.benchmark.few_shot.shots`` training images per class (module docstring)."""
 
     def _subset_path(self, k: int) -> Path:

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from zscl.reference.memory import ExemplarMemory
 from zscl.runner.configs import task_dataset, task_overlay
+from zscl.utils.testing import kill_callback
 from zscl.runner.progress import AtomicCheckpointIO, progress_bar
 from zscl.utils.io import write_json_atomic
 
@@ -131,9 +132,13 @@ class SequenceRunner:
         self._preflight()
 
     def _preflight(self) -> None:
-        """Bad inputs fail here, before any evaluation or training."""
+        """Bad inputs fail here, before any evaluation, caching or training.
+
+        Unknown names fail first (with suggestions); then every split the sequence will read (each
+        task's train split, each evaluated dataset's test split) is built and the reference data is
+        looked up, and everything that is missing is reported in one message.
+        """
         from zscl.datasets import get_dataset
-        from zscl.methods.config import Distillation
 
         for name in self.task_names + self.eval_names:
             get_dataset(name)  # RegistryError with suggestions
@@ -141,13 +146,41 @@ class SequenceRunner:
             from zscl.merging import MERGE_RULES
 
             MERGE_RULES.get(self.continual.merge)
-        distill = self.cfg.model.distill
-        if distill is not None and Distillation(**vars(distill)).active:
-            self._datamodule_only().check_reference()
         ref = self.cfg.data.reference_images
         if ref is not None and ref.source == "memory" and self.continual.memory is None:
             raise ValueError("data.reference_images.source 'memory' needs an exemplar memory: set continual.memory "
                              "(see configs/method/icarl.yaml)")
+        missing = self._missing_inputs()
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} input(s) of this sequence are missing (nothing was run): "
+                                    + " | ".join(missing))
+
+    def _missing_inputs(self) -> list[str]:
+        """One line per missing dataset (naming its splits and expected layout) or missing reference data."""
+        from zscl.datasets import build_dataset, get_dataset
+        from zscl.methods.config import Distillation
+
+        splits: dict[str, list[str]] = {}
+        for name, split in [(n, "train") for n in self.task_names] + [(n, "test") for n in self.eval_names]:
+            needed = splits.setdefault(get_dataset(name).name, [])
+            needed += [split] if split not in needed else []
+        missing = []
+        for name, needed in splits.items():
+            errors = {}
+            for split in needed:
+                try:
+                    build_dataset(name, self.cfg.data.data_root, split, None)  # lists files; decodes no image
+                except (FileNotFoundError, ValueError) as err:
+                    errors[split] = str(err)
+            if errors:
+                missing.append(f"{name} ({', '.join(errors)}): {next(iter(errors.values()))}")
+        distill = self.cfg.model.distill
+        if distill is not None and Distillation(**vars(distill)).active:
+            try:
+                self._datamodule_only().check_reference()
+            except FileNotFoundError as err:
+                missing.append(str(err))
+        return missing
 
     def _datamodule_only(self):
         from zscl.methods.datamodule import ContinualDataModule
@@ -230,6 +263,8 @@ class SequenceRunner:
             ckpt_dir = self.out / "tasks" / self._slug(k)
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=self.opts.checkpoint_every,
                                              save_top_k=0, save_last=True, save_on_exception=False))
+            kill = kill_callback(k)  # test hook: only when ZSCL_KILL_AT=T:K is set
+            callbacks += [kill] if kill is not None else []
             kwargs["logger"] = [CSVLogger(self.out / "logs", name="csv", version=self._slug(k)),
                                 TensorBoardLogger(self.out / "logs", name="tb", version=self._slug(k))]
         else:

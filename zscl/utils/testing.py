@@ -1,16 +1,51 @@
-"""Test hooks compiled into the package: named points where a crash-safety test kills the process.
+"""Test hooks compiled into the package: deterministic crash points for the crash-safety tests.
 
-``ZSCL_KILL_AT=<name>`` makes :func:`kill_point` ``<name>`` send SIGKILL to its own process, so a
-test interrupts a build or a run at a chosen place rather than after a guessed delay.
+``ZSCL_KILL_AT`` makes the process SIGKILL itself, as a crash would (no exception handler,
+``finally`` block or checkpoint write runs), at a chosen place instead of after a guessed delay:
+
+* ``ZSCL_KILL_AT=T:K`` (two integers): ``zscl sequence`` dies right after the optimizer step that
+  brings task ``T`` (0-based, the ``NN`` of ``tasks/NN-<Dataset>``) to global step ``K``
+  (:func:`kill_callback`, attached by the runner only when the variable is set);
+* ``ZSCL_KILL_AT=<name>``: :func:`kill_point` ``<name>`` dies there (``eval-cache-fill``: half-way
+  through building the evaluation cache).
+
+Unset, nothing happens.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+from typing import Optional
+
+from lightning.pytorch.callbacks import Callback
+
+ENV = "ZSCL_KILL_AT"
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_point(name: str) -> None:
     """SIGKILL this process here if ``$ZSCL_KILL_AT`` is ``name`` (a no-op otherwise)."""
-    if os.environ.get("ZSCL_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(ENV) == name:
+        _die()
+
+
+class KillAt(Callback):
+    """SIGKILL this process at the end of the training batch that reaches global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            _die()
+
+
+def kill_callback(task: int) -> Optional[KillAt]:
+    """The KillAt callback for task ``task`` if ``ZSCL_KILL_AT=T:K`` names it, else None."""
+    match = re.fullmatch(r"(\d+):(\d+)", os.environ.get(ENV, ""))
+    return KillAt(int(match[2])) if match and int(match[1]) == task else None
