@@ -95,8 +95,8 @@ class BlockExperts(nn.Module):
             std = F.softplus(x0 @ wn) + self.cfg.noise_epsilon if noisy else None
         else:
             pick = routes.clamp(min=0)
-            logits = torch.einsum("bd,bde->be", x0, torch.stack(list(self.routers))[pick])
-            std = (F.softplus(torch.einsum("bd,bde->be", x0, torch.stack(list(self.noise))[pick]))
+            logits = torch.einsum("bd,bde->be", x0, _select(torch.stack(list(self.routers)), pick))
+            std = (F.softplus(torch.einsum("bd,bde->be", x0, _select(torch.stack(list(self.noise)), pick)))
                    + self.cfg.noise_epsilon) if noisy else None
         if std is not None:
             eps = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
@@ -109,7 +109,7 @@ class BlockExperts(nn.Module):
         """``sum_k g_k A_{idx_k}(x)`` for batch-first ``x`` [B, L, d]."""
         b, k, r = idx.shape[0], idx.shape[1], self.cfg.bottleneck
         dtype = x.dtype
-        w_down, b_down, w_up, b_up = (self._unfrozen(p).to(dtype)[idx] for p in self.expert_parameters())
+        w_down, b_down, w_up, b_up = (_select(self._unfrozen(p).to(dtype), idx) for p in self.expert_parameters())
         # w_down [B, k, r, d], b_down [B, k, r], w_up [B, k, d, r], b_up [B, k, d]
         h = torch.bmm(x, w_down.flatten(1, 2).transpose(1, 2)) + b_down.flatten(1, 2)[:, None]  # [B, L, k r]
         h = F.relu(h)
@@ -122,6 +122,14 @@ class BlockExperts(nn.Module):
         y = torch.bmm(h, w_up.permute(0, 1, 3, 2).reshape(b, k * r, -1))
         y = y + torch.einsum("bk,bkd->bd", g, b_up)[:, None]
         return self.cfg.scale * y
+
+
+def _select(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``p[idx]`` as a one-hot matmul. Indexing's backward is a scatter-add, which sums in a
+    thread-dependent order on multi-core CPUs (runs, and a run and its resumption, then differ in
+    the last bits); a matmul's backward is deterministic. E is small (22), so this costs little."""
+    onehot = F.one_hot(idx, p.shape[0]).to(p.dtype)  # [..., E]
+    return (onehot @ p.flatten(1)).unflatten(-1, p.shape[1:])
 
 
 def adapted_blocks(clip: nn.Module, towers: tuple[str, ...] = ("image", "text")) -> list[tuple[str, nn.Module, bool]]:
