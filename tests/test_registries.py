@@ -41,7 +41,8 @@ def test_benchmark_configs_parse_and_their_tasks_are_registered(name):
     from zscl.cli.sequence import build_parser
     from zscl.datasets import get_dataset
 
-    cfg = build_parser().parse_args(["--config", str(config_registry("benchmark").get(name))])
+    argv = ["--config", str(config_registry("benchmark").get(name))]
+    cfg = build_parser(argv).parse_args(argv)  # a method-specific variant names its model_class
     if cfg.benchmark.classes is not None:  # class-incremental: the runner generates one task per class step
         from zscl.datasets.views import load_class_order
         from zscl.runner.cil import class_steps
