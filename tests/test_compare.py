@@ -112,3 +112,10 @@ def test_compare_without_runs_prints_the_papers_table(capsys):
     for entry in paper("mtil_order2")["results"]:
         row = rows[entry["method"]]
         assert round(float(row["Last (from matrix)"]), 1) == entry["published"]["last"] == float(row["Last (printed)"])
+
+
+def test_compare_labels_name_the_runs_in_order(paper_runs, capsys):
+    _, runs = paper_runs
+    assert compare_main([str(runs[0]), str(runs[-1]), "--label", "mine", "theirs", "--format", "csv"]) == 0
+    rows = rows_by_method(capsys.readouterr().out)
+    assert {"mine", "theirs"} <= set(rows) and rows["mine"]["paper row"] == ""  # a label the paper does not know

@@ -111,3 +111,15 @@ def test_every_averaging_callback_keeps_buffers_and_finite_text_features(world):
         with torch.no_grad():
             feats = module.clip.encode_text(module.bundle.tokenizer(["a photo of red.", "an image of blue."]))
         assert torch.isfinite(feats).all(), f"{name} made the text features non-finite"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_config_parses_in_zscl_fit(name, capsys, monkeypatch):
+    """`zscl fit --config method/<name>` accepts every method config (sequence-only sections included)."""
+    from zscl.cli.lightning import fit
+
+    monkeypatch.setattr("sys.argv", ["zscl"])  # fit() rewrites sys.argv for LightningCLI
+    with pytest.raises(SystemExit) as exit_:
+        fit(["--config", f"method/{name}", "--print_config"])
+    assert exit_.value.code == 0, capsys.readouterr().err[-2000:]
+    assert "model:" in capsys.readouterr().out

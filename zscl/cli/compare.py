@@ -27,7 +27,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--published", type=Optional[str], default=None,
                    help=f"published table to print beside the runs ({', '.join(published_names())} or a JSON file; "
                         "default: the runs' benchmark, when shipped)")
-    p.add_argument("--label", type=Optional[list[str]], default=None,
+    p.add_argument("--label", nargs="+", type=str, default=None,
                    help="names for the runs, in order (default: each run's method config name)")
     p.add_argument("--per-dataset", action="store_true", help="add per-dataset Transfer and Last tables")
     p.add_argument("--out", type=Optional[str], default=None, help="folder for the table file(s) and plots")

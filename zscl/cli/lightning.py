@@ -23,7 +23,13 @@ class ZSCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from zscl.methods.classes import DEFAULT
 
+        from zscl.runner.sequence import Continual
+
         parser.add_argument("--model_class", type=str, default=DEFAULT, help="LightningModule of the method (methods.classes)")
+        # Method configs that chain tasks (iCaRL's memory, merge-based methods) carry a ``continual:``
+        # section for `zscl sequence`. One task has no chain, so `zscl fit` accepts and ignores it:
+        # iCaRL's exemplars then come from --data.reference_images.path (a memory file of a sequence run).
+        parser.add_class_arguments(Continual, "continual")
 
     def instantiate_trainer(self, **kwargs):
         from zscl.runner.progress import AtomicCheckpointIO
