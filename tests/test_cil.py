@@ -252,8 +252,8 @@ def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
 
     cil, fewshot = load_plan("cil"), load_plan("fewshot")
     assert cil["benchmark"] == "benchmark/synthetic_cil.yaml" and [len(s) for s in plan_tasks(cil)] == [6, 4, 4, 4, 4]
-    assert all("overrides" not in m for m in cil["methods"].values())  # the benchmark's method_overrides rule
-    assert fewshot["methods"]["zscl"]["overrides"] and len(plan_tasks(fewshot)) == 5
+    assert cil["scale"] == {}  # the CIL benchmark's method_overrides carry its settings
+    assert fewshot["scale"]["averaging_every"] == 10 and len(plan_tasks(fewshot)) == 5
     steps = [[0, 1], [2], [3]]
     results = {n: {"setting": "cil", "benchmark": "synthetic_cil", "dataset": "SynthLetter", "step_classes": steps,
                    "accuracy": acc, "seen_classes": [[0, 1], [0, 1, 2], [0, 1, 2, 3]], "zero_shot": [80.0, 60.0, 40.0]}

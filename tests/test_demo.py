@@ -72,4 +72,32 @@ def test_every_demo_method_names_a_registered_method_config():
     names = config_registry("method").names()
     for key, spec in plan["methods"].items():
         assert spec["config"] == f"method/{key}.yaml" and key in names, key
-    assert set(plan["default"]) <= set(plan["methods"])
+        assert set(spec) == {"label", "config"}, f"{key}: no per-method tuning in the demo (one scale for all)"
+    assert set(plan["default"]) | set(plan["ablations"]) | set(plan["quick"]["methods"]) <= set(plan["methods"])
+    assert {"finetune", "lwf", "icarl", "lwf_vr", "wise", "zscl"} <= set(plan["default"])  # the paper's table
+
+
+def test_the_one_scale_down_reaches_every_method_alike():
+    """WE's interval and iCaRL's memory come from the plan's ``scale`` block, read off each method's own
+    config: the paper's 100-step WE interval becomes the plan's; methods without them get nothing."""
+    import yaml
+
+    from zscl.resources import configs_dir
+    from zscl.synthetic.demo import load_plan, scale_overrides
+
+    plan = load_plan()
+    every, memory = plan["scale"]["averaging_every"], plan["scale"]["memory_size"]
+    for key, spec in plan["methods"].items():
+        path = configs_dir() / spec["config"]
+        cfg = yaml.safe_load(path.read_text())
+        got = scale_overrides(plan, path)
+        rules = (cfg.get("model") or {}).get("averaging") or []
+        if any("every" in r for r in rules):
+            assert [r.get("every") for r in got["model"]["averaging"] if "every" in r] == [every] * len(
+                [r for r in rules if "every" in r]), key
+        else:
+            assert "model" not in got, key
+        assert ("continual" in got) == bool((cfg.get("continual") or {}).get("memory")), key
+        if "continual" in got:
+            assert got["continual"]["memory"]["size"] == memory
+    assert scale_overrides(load_plan("cil"), configs_dir() / "method/zscl.yaml") == {}  # CIL keeps its own

@@ -229,3 +229,30 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", "--root", str(tmp_path), "--quick", "--seed", "9"]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert main([]) == 2
+
+
+# ----------------------------------------------------------------------------- cameras
+def test_cameras_follow_their_formulas_on_hand_picked_pixels() -> None:
+    from zscl.synthetic.render import apply_camera
+
+    px = np.array([[[255, 0, 30], [128, 128, 128]]], dtype=np.uint8)
+    # faded a: x' = a x + (1 - a) 127.5   -> 255 * .36 + .64 * 127.5 = 173.4; 0 -> 81.6; 30 -> 92.4
+    assert apply_camera(px, "faded", 0.36).tolist() == [[[173, 82, 92], [128, 128, 128]]]
+    # pale a: grey + a (x - grey), grey = 95 -> 95 + .16 * 160 = 120.6; 95 - 15.2 = 79.8; 95 - 10.4 = 84.6
+    assert apply_camera(px, "pale", 0.16).tolist() == [[[121, 80, 85], [128, 128, 128]]]
+    # dark a: a x -> 71.4, 0, 8.4; 35.84
+    assert apply_camera(px, "dark", 0.28).tolist() == [[[71, 0, 8], [36, 36, 36]]]
+    with pytest.raises(ValueError, match="unknown camera"):
+        apply_camera(px, "sepia", 1.0)
+
+
+def test_a_camera_task_is_its_plain_scene_through_its_camera() -> None:
+    """A camera task's image is the same scene rendered plainly, then the camera (not a new scene)."""
+    from zscl.synthetic.render import apply_camera
+
+    for task in (t for t in W.TASKS.values() if t.camera):
+        rng_a, rng_b = W.stream_rng(3, "x"), W.stream_rng(3, "x")
+        attrs_a, attrs_b = task.sample(rng_a, 1), task.sample(rng_b, 1)
+        plain = W.render_array(W.make_scene(attrs_b, rng_b), W.IMAGE_SIZE)
+        assert np.array_equal(task.render(attrs_a, rng_a), apply_camera(plain, *task.camera)), task.name
+        assert not np.array_equal(plain, apply_camera(plain, *task.camera))

@@ -1,6 +1,7 @@
-"""``zscl demo``: finetune vs ZSCL (and ablations) on the synthetic benchmark, end to end, on CPU.
+"""``zscl demo``: the paper's MTIL table (fine-tuning, LwF, iCaRL, LwF-VR, WiSE-FT, ZSCL*, ZSCL) on the synthetic benchmark, end to end, on CPU.
 
-    zscl demo [--out DIR] [--quick] [--methods finetune,zscl] [--setting mtil|cil|fewshot] [--merging]
+    zscl demo [--out DIR] [--quick] [--ablations] [--methods finetune,zscl] [--seed N]
+              [--setting mtil|cil|fewshot] [--merging]
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small world, fewer steps, finetune + ZSCL only (< 90 s)")
     p.add_argument("--methods", type=Optional[str], default=None,
                    help="comma-separated method names of configs/demo.yaml (default: its list)")
+    p.add_argument("--ablations", action="store_true",
+                   help="ZSCL's parts one at a time (finetune, distill, we, l2, zscl) instead of the paper's table")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--progress", type=str, default="rich", help="rich | tqdm | none")
     p.add_argument("--setting", type=str, choices=["mtil", "cil", "fewshot"], default="mtil",
@@ -33,7 +36,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    opts = DemoOptions(out=args.out, quick=args.quick, methods=methods, seed=args.seed, progress=args.progress,
+    opts = DemoOptions(out=args.out, quick=args.quick, methods=methods, ablations=args.ablations, seed=args.seed, progress=args.progress,
                        merging=args.merging, setting=args.setting)
     with report_errors("zscl demo") as status:
         if opts.merging:

@@ -39,11 +39,19 @@ def load_rgb(item: Any) -> Image.Image:
     return item if item.mode == "RGB" else item.convert("RGB")
 
 
+SMALL_IMAGE_PIXELS = 64 * 64  # decoded images this small are kept in memory (see LabeledImages)
+SMALL_IMAGE_BUDGET = 256 * 2**20  # bytes of decoded small images kept per dataset
+
+
 class LabeledImages(Dataset):
     """Items ``(transform(RGB image), label)``; labels are known up front, without decoding images.
 
     ``source[index[i]]`` is item ``i``'s image: a PIL image, a path, or a pair whose first element
     is one (a torchvision dataset built without a transform).
+
+    Small images read from files (at most ``SMALL_IMAGE_PIXELS``, e.g. the synthetic world's 32 px
+    PNGs) are decoded once and kept, up to ``SMALL_IMAGE_BUDGET`` bytes: opening and decoding a tiny
+    file costs more than training on it. The random transforms still run on every read.
     """
 
     def __init__(
@@ -59,12 +67,26 @@ class LabeledImages(Dataset):
         self.source = source
         self.labels = [int(y) for y in labels]
         self.transform = transform
+        self._decoded: dict[int, Image.Image] = {}
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _image(self, j: int) -> Image.Image:
+        if j in self._decoded:
+            return self._decoded[j].copy()  # transforms never see (or could alter) the kept image
+        item = self.source[j]
+        image = load_rgb(item)
+        size = image.width * image.height
+        if isinstance(item, (str, os.PathLike)) and size <= SMALL_IMAGE_PIXELS \
+                and self._decoded_bytes + 3 * size <= SMALL_IMAGE_BUDGET:
+            self._decoded[j] = image.copy()
+            self._decoded_bytes += 3 * size
+        return image
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        image = load_rgb(self.source[self.index[i]])
+        image = self._image(self.index[i])
         return (self.transform(image) if self.transform is not None else image), self.labels[i]
 
 

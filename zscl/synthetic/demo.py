@@ -1,9 +1,9 @@
 """``zscl demo``: the synthetic benchmark end to end, on the package's real code paths.
 
-The plan is data (``configs/demo.yaml``): which methods run, their labels, and the settings that
-scale the paper's recipe to 100-step tasks on a tiny CLIP. For each method the demo runs exactly
-what ``zscl sequence --config benchmark/synthetic --config method/<m> --config <scale overrides>``
-runs — world files on disk, the dataset registry, the LightningModule, the runner — then writes:
+The plan is data (``configs/demo.yaml``): which methods run, their labels, the one scale-down that
+maps the paper's recipe to 100-step tasks on a tiny CLIP (the same for every method), and the
+acceptance checks. For each method the demo runs exactly what
+``zscl sequence --config benchmark/synthetic --config method/<m> --config <scale overrides>`` runs — world files on disk, the dataset registry, the LightningModule, the runner — then writes:
 
 * ``DIR/<method>/results.json`` (and the runner's checkpoints and logs);
 * ``DIR/report.md``: methods x Transfer/Avg/Last, per-dataset tables, the acceptance checks;
@@ -30,6 +30,7 @@ class DemoOptions:
     out: str = "runs/demo"
     quick: bool = False  # a smaller world, fewer steps and methods: under 90 s (the test suite's run)
     methods: Optional[list[str]] = None  # default: the plan's list (quick: its quick list)
+    ablations: bool = False  # the plan's ablation list (ZSCL's parts one at a time) instead of its default
     seed: int = 0
     progress: str = "rich"  # rich | tqdm | none
     merging: bool = False  # the merging study instead of the continual comparison
@@ -48,9 +49,26 @@ def load_plan(setting: str = "mtil") -> dict[str, Any]:
     block = plan["settings"][setting]
     plan.update(benchmark=block["benchmark"], default=block["default"], quick={**plan["quick"], **block.get("quick", {})},
                 published=block.get("published"))
-    if not block.get("scale_overrides", True):
-        plan["methods"] = {n: {k: v for k, v in m.items() if k != "overrides"} for n, m in plan["methods"].items()}
+    if block.get("scale") is False:
+        plan["scale"] = {}
     return plan
+
+
+def scale_overrides(plan: dict, method_config: Path) -> dict:
+    """The plan's one scale-down, written for one method config: every averaging rule with an interval
+    gets ``scale.averaging_every``; an exemplar memory gets ``scale.memory_size``. Nothing else, so no
+    method is tuned on its own."""
+    scale = plan.get("scale") or {}
+    with open(method_config, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    out: dict = {}
+    rules = (cfg.get("model") or {}).get("averaging") or []
+    if "averaging_every" in scale and any("every" in r for r in rules):
+        out["model"] = {"averaging": [{**r, "every": scale["averaging_every"]} if "every" in r else r for r in rules]}
+    memory = (cfg.get("continual") or {}).get("memory")
+    if "memory_size" in scale and memory:
+        out["continual"] = {"memory": {**memory, "size": scale["memory_size"]}}
+    return out
 
 
 def _method_argv(plan: dict, name: str, opts: DemoOptions, world_root: Path, out: Path) -> list[str]:
@@ -58,7 +76,7 @@ def _method_argv(plan: dict, name: str, opts: DemoOptions, world_root: Path, out
     from zscl.utils.io import write_text_atomic
 
     spec = plan["methods"][name]
-    overrides = dict(spec.get("overrides") or {})
+    overrides = scale_overrides(plan, configs_dir() / spec["config"])
     if opts.quick:
         overrides = _deep_merge(overrides, plan["quick"].get("overrides") or {})
     override_file = out / "demo_overrides.yaml"
@@ -92,7 +110,12 @@ def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> di
 
 
 def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
-    names = opts.methods or (plan["quick"]["methods"] if opts.quick else plan["default"])
+    if opts.methods:
+        names = opts.methods
+    elif opts.ablations:
+        names = plan["ablations"]
+    else:
+        names = plan["quick"]["methods"] if opts.quick else plan["default"]
     unknown = [n for n in names if n not in plan["methods"]]
     if unknown:
         raise ValueError(f"unknown demo method(s) {unknown}; the plan has {list(plan['methods'])}")
@@ -155,6 +178,15 @@ def _run_parallel(plan: dict, names: list[str], opts: DemoOptions, world_root: P
     return {n: results[n] for n in names}
 
 
+def world_tasks(plan: dict) -> list[str]:
+    """The synthetic tasks the plan's benchmark reads (the world writes only these)."""
+    with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
+        bench = yaml.safe_load(f)["benchmark"]
+    if bench.get("classes"):
+        return [bench["classes"]["dataset"]]
+    return [t["dataset"] if isinstance(t, dict) else str(t) for t in bench["tasks"]]
+
+
 def plan_tasks(plan: dict) -> list:
     """The benchmark's tasks (for a class-incremental one: one per class step)."""
     with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
@@ -186,7 +218,7 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
         opts = replace(opts, out=str(Path(opts.out) / opts.setting))
     out = Path(opts.out)
     t0 = time.time()
-    world = generate_world(world_root, opts.seed, quick=opts.quick)
+    world = generate_world(world_root, opts.seed, quick=opts.quick, tasks=world_tasks(plan))
     print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root} ({time.time() - t0:.1f} s)")
     jobs = jobs or max(1, min(2, len(names), os.cpu_count() or 1))
     if jobs > 1:

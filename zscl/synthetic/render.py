@@ -203,3 +203,30 @@ def render_array(scene: Scene, size: int = 32) -> np.ndarray:
         img = img * (1 - alpha) + np.asarray(rgb, dtype=np.float32) * alpha
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
+
+
+# ----------------------------------------------------------------------------- cameras
+def _faded(img: np.ndarray, a: float) -> np.ndarray:
+    return img * a + (1 - a) * 127.5  # contrast a around mid-grey: a washed-out print
+
+
+def _pale(img: np.ndarray, a: float) -> np.ndarray:
+    grey = img.mean(axis=-1, keepdims=True)
+    return grey + a * (img - grey)  # saturation a: hue survives, weakly
+
+
+def _dark(img: np.ndarray, a: float) -> np.ndarray:
+    return img * a  # exposure a: an underexposed shot
+
+
+CAMERAS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {"faded": _faded, "pale": _pale, "dark": _dark}
+"""Whole-image effects that pretraining never shows: a task's "camera" is its domain shift.
+Each keeps the label's information (the image stays learnable) but moves it off the
+pretraining distribution, so zero-shot accuracy drops and fine-tuning has room to learn."""
+
+
+def apply_camera(array: np.ndarray, camera: str, amount: float) -> np.ndarray:
+    """``array`` (uint8 H x W x 3) through ``CAMERAS[camera]`` with strength ``amount``."""
+    if camera not in CAMERAS:
+        raise ValueError(f"unknown camera {camera!r}: expected one of {sorted(CAMERAS)}")
+    return np.clip(np.rint(CAMERAS[camera](array.astype(np.float32), amount)), 0, 255).astype(np.uint8)

@@ -30,9 +30,9 @@ from typing import Iterator
 
 import numpy as np
 
-from zscl.synthetic.render import BACKGROUNDS, PALETTE, SHAPES, Item, Scene, render_array
+from zscl.synthetic.render import BACKGROUNDS, PALETTE, SHAPES, Item, Scene, apply_camera, render_array
 
-GENERATOR_VERSION = 2  # 2: the SynthLetter task (22 classes, the class-incremental analogue)
+GENERATOR_VERSION = 3  # 2: SynthLetter (class-incremental); 3: camera tasks (room to learn)
 IMAGE_SIZE = 32
 
 COLOURS: tuple[str, ...] = tuple(PALETTE)
@@ -223,14 +223,20 @@ class SynthTask:
     classes: tuple[str, ...]
     values: tuple[object, ...]
     pinned: dict[str, object] = field(default_factory=dict)
+    camera: tuple[str, float] | None = None  # (render.CAMERAS name, amount): the domain's whole-image effect
+
+    def render(self, attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
+        array = render_array(make_scene(attrs, rng), IMAGE_SIZE)
+        return apply_camera(array, *self.camera) if self.camera else array
 
     def sample(self, rng: np.random.Generator, label: int) -> Attributes:
         return sample_attributes(rng, **self.pinned, **{self.attribute: self.values[label]})
 
 
-def _task(name: str, attribute: str, names_values: dict[str, object], **pinned: object) -> SynthTask:
+def _task(name: str, attribute: str, names_values: dict[str, object], camera: tuple[str, float] | None = None,
+          **pinned: object) -> SynthTask:
     classes = tuple(sorted(names_values))
-    return SynthTask(name, attribute, classes, tuple(names_values[c] for c in classes), pinned)
+    return SynthTask(name, attribute, classes, tuple(names_values[c] for c in classes), pinned, camera)
 
 
 TASKS: dict[str, SynthTask] = {t.name: t for t in (
@@ -245,6 +251,15 @@ TASKS: dict[str, SynthTask] = {t.name: t for t in (
     # 22 classes on the one background no other task uses: the class-incremental benchmark's dataset.
     _task("SynthLetter", "obj", {c: f"letter {c}" for c in LETTERS}, background="plain", kind="letter", multi=False,
           size="large", position=None),
+    # Camera tasks (zscl demo's benchmark): each on its own domain shift that pretraining never saw
+    # (render.CAMERAS), so zero-shot is weak but above chance, and what the label needs stays visible:
+    # room to learn. Their classes are the plain tasks' classes.
+    _task("SynthFadedShape", "obj", {s: s for s in SHAPES}, camera=("faded", 0.33), background="stripes",
+          kind="shape", multi=False, size="large", position=None),
+    _task("SynthPaleColor", "colour", {c: c for c in COLOURS}, camera=("pale", 0.16), background="noise",
+          kind="letter", multi=False),
+    _task("SynthDarkPosition", "position", {p: p for p in POSITIONS}, camera=("dark", 0.28), background="grid",
+          kind="shape", multi=False),
 )}
 """The benchmark's tasks, in the default order."""
 
@@ -310,7 +325,7 @@ def _write_task(out: Path, task: SynthTask, split: str, per_class: int, seed: in
         folder.mkdir(parents=True)
         for n in range(per_class):
             attrs = task.sample(rng, label)
-            (folder / f"{n:05d}.png").write_bytes(png_bytes(render_array(make_scene(attrs, rng), IMAGE_SIZE)))
+            (folder / f"{n:05d}.png").write_bytes(png_bytes(task.render(attrs, rng)))
     return per_class * len(task.classes)
 
 
@@ -352,15 +367,15 @@ def _info(world: Path, manifest: dict, reused: bool) -> WorldInfo:
     )
 
 
-def _build(out: Path, seed: int, quick: bool) -> dict:
+def _build(out: Path, seed: int, quick: bool, tasks: tuple[str, ...]) -> dict:
     size = QUICK if quick else FULL
     counts: dict[str, int] = {}
-    for task in TASKS.values():
+    for task in (TASKS[name] for name in tasks):
         for split, per_class in (("train", size.train_per_class), ("test", size.test_per_class)):
             counts[f"{task.name}/{split}"] = _write_task(out, task, split, per_class, seed)
     shards = _write_reference(out, size, seed)
     counts["reference"] = size.reference
-    manifest = {**_manifest(seed, quick), "tasks": {t.name: list(t.classes) for t in TASKS.values()},
+    manifest = {**_manifest(seed, quick), "tasks": {n: list(TASKS[n].classes) for n in tasks},
                 "counts": counts, "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")  # last: marks completion
     return manifest
@@ -384,10 +399,14 @@ def _remove_stale_partials(root: Path) -> None:
             pass  # alive, someone else's
 
 
-def generate_world(root: str | Path, seed: int = 0, *, quick: bool = False, overwrite: bool = False) -> WorldInfo:
+def generate_world(root: str | Path, seed: int = 0, *, quick: bool = False, overwrite: bool = False,
+                   tasks: "tuple[str, ...] | list[str] | None" = None) -> WorldInfo:
     """Write the synthetic world under ``<root>/synthetic`` (see the module docstring).
 
-    Idempotent: a complete world with the same seed, size and generator version is reused.
+    ``tasks``: only these tasks' trees (default: every task of :data:`TASKS`). Each task's images come
+    from its own random stream, so a task's files do not depend on which other tasks are written.
+    Idempotent: a complete world with the same seed, size and generator version is reused (if it lacks
+    some of ``tasks``, it is rebuilt with the tasks it had plus those).
     A different one raises unless ``overwrite``. The world is built in a hidden sibling folder
     and renamed into place once its manifest is written, so a killed run leaves no world behind
     and the next call regenerates it. The same seed gives byte-identical files.
@@ -395,22 +414,29 @@ def generate_world(root: str | Path, seed: int = 0, *, quick: bool = False, over
     root = Path(root)
     world = root / WORLD_DIR
     manifest_path = world / MANIFEST
+    names = tuple(TASKS) if tasks is None else tuple(dict.fromkeys(tasks))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; expected some of {list(TASKS)}")
     if manifest_path.is_file() and not overwrite:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         wanted = _manifest(seed, quick)
         if {k: manifest.get(k) for k in wanted} == wanted:
-            return _info(world, manifest, reused=True)
-        raise FileExistsError(
-            f"{world} holds a synthetic world with seed={manifest.get('seed')}, quick={manifest.get('quick')}, "
-            f"version={manifest.get('version')}; asked for seed={seed}, quick={quick}, version={GENERATOR_VERSION}. "
-            "Pass overwrite=True (--overwrite) to replace it, or use another root."
-        )
+            if set(names) <= set(manifest["tasks"]):
+                return _info(world, manifest, reused=True)
+            names = tuple(n for n in TASKS if n in set(names) | set(manifest["tasks"]))  # extend: same seed, same files
+        else:
+            raise FileExistsError(
+                f"{world} holds a synthetic world with seed={manifest.get('seed')}, quick={manifest.get('quick')}, "
+                f"version={manifest.get('version')}; asked for seed={seed}, quick={quick}, "
+                f"version={GENERATOR_VERSION}. Pass overwrite=True (--overwrite) to replace it, or use another root."
+            )
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root)
     partial = Path(tempfile.mkdtemp(prefix=f".synthetic-partial-{os.getpid()}-", dir=root))
     partial.chmod(0o777 & ~_umask())  # mkdtemp makes a private (0700) folder; the world is ordinary data
     try:
-        manifest = _build(partial, seed, quick)
+        manifest = _build(partial, seed, quick, names)
         if world.exists():  # an older or incomplete world: move aside, then swap in
             old = Path(tempfile.mkdtemp(prefix=f".synthetic-partial-{os.getpid()}-old-", dir=root))
             os.replace(world, old / WORLD_DIR)
