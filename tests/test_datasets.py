@@ -354,3 +354,28 @@ def test_data_files_are_plain_json_lists() -> None:
         for path in (data_dir() / kind).glob("*.json"):
             values = json.loads(path.read_text(encoding="utf-8"))
             assert isinstance(values, list) and all(isinstance(v, str) for v in values), path
+
+
+def test_small_images_are_decoded_once_and_served_unchanged(tmp_path):
+    """LabeledImages keeps small decoded images: the second read gives the same pixels without opening the
+    file (here: the file is gone), each read is a fresh copy, and large images are not kept."""
+    import numpy as np
+    from PIL import Image
+
+    from zscl.datasets.common import SMALL_IMAGE_PIXELS, LabeledImages
+
+    rng = np.random.default_rng(0)
+    small, large = tmp_path / "s.png", tmp_path / "l.png"
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(small)
+    side = int(SMALL_IMAGE_PIXELS ** 0.5) + 1
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(large)
+    ds = LabeledImages([small, large], [0, 1])
+    first = ds[0][0]
+    first.putpixel((0, 0), (1, 2, 3))  # a caller altering its copy must not reach the kept image
+    small.unlink()
+    assert np.array_equal(np.asarray(ds[0][0]), pixels)
+    ds[1]
+    large.unlink()
+    with pytest.raises(FileNotFoundError):
+        ds[1]

@@ -58,3 +58,4 @@ def test_missing_methods_read_not_run():
     checks = acceptance({"finetune": PASSING["finetune"]}, ZS, CHANCE)
     by = {c["check"].split(":")[0]: c["passed"] for c in checks}
     assert by["finetune learns"] is True and by["ZSCL keeps"] is None and by["ZSCL best"] is None
+
