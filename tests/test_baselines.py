@@ -212,7 +212,10 @@ def test_icarl_sequence_memory_holds_only_seen_tasks_with_reference_sizes(world)
     assert model0.teacher is None
     model1, dm1, _ = runner._instantiate(runner._task_cfg(1, runner._start_point(1)))
     assert dm1.ref_images.source == "memory" and dm1.ref_images.path.endswith("memory/00-TinyColors.json")
-    assert model1.distill.teacher == "task_start"
+    # the reference's iCaRL distils toward the zero-shot CLIP: the teacher is not the task-start student
+    assert model1.distill.teacher == "initial"
+    start = dict(model1.clip.named_parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in model1.teacher.named_parameters())
 
 
 def test_icarl_memory_is_recomputed_identically(world):
