@@ -238,3 +238,15 @@ def test_memory_source_without_a_memory_is_refused(world):
                                                  "--continual.memory", "null"]))
     with pytest.raises(ValueError, match="needs an exemplar memory"):
         SequenceRunner(parser, cfg)
+
+
+def test_icarl_reads_its_memory_when_out_is_a_relative_path(world, monkeypatch):
+    """The memory lives under --out, data paths are read under the data root: a relative --out (the demo's
+    default ``runs/demo``) must still find it (the memory path handed to the data module is absolute)."""
+    monkeypatch.chdir(world.parent)
+    out = Path(world.name) / "runs" / "icarl"  # relative to the working folder, not to the data root
+    runner = run_sequence(world, "icarl", out, "--continual.memory.size", "5")
+    cfg = runner._task_cfg(1, runner._start_point(1))
+    assert Path(cfg["data.reference_images.path"]).is_absolute()
+    _, dm, _ = runner._instantiate(cfg)
+    assert dm.ref_images.path == str((world / "runs" / "icarl" / "memory" / "00-TinyColors.json").resolve())

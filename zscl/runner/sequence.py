@@ -246,7 +246,8 @@ class SequenceRunner:
             if k == 0:
                 cfg["model.distill"] = None  # no exemplars before the first task: plain fine-tuning
             else:
-                cfg["data.reference_images.path"] = str(self._memory_path(k - 1))
+                # absolute: data paths are read relative to the data root, the memory lives under --out
+                cfg["data.reference_images.path"] = str(self._memory_path(k - 1).resolve())
         return cfg
 
     def _instantiate(self, cfg):
