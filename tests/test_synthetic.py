@@ -256,3 +256,17 @@ def test_a_camera_task_is_its_plain_scene_through_its_camera() -> None:
         plain = W.render_array(W.make_scene(attrs_b, rng_b), W.IMAGE_SIZE)
         assert np.array_equal(task.render(attrs_a, rng_a), apply_camera(plain, *task.camera)), task.name
         assert not np.array_equal(plain, apply_camera(plain, *task.camera))
+
+
+def test_a_world_holds_the_tasks_asked_for_and_grows_without_changing_files(tmp_path) -> None:
+    one = W.generate_world(tmp_path / "w", seed=2, quick=True, tasks=["SynthCount"])
+    assert one.tasks == ("SynthCount",) and not (one.root / "SynthShape").exists()
+    before = _hashes(one.root / "SynthCount")
+    grown = W.generate_world(tmp_path / "w", seed=2, quick=True, tasks=["SynthShape"])
+    assert not grown.reused and set(grown.tasks) == {"SynthCount", "SynthShape"}
+    assert _hashes(grown.root / "SynthCount") == before  # a task's files depend on (seed, task) only
+    assert W.generate_world(tmp_path / "w", seed=2, quick=True, tasks=["SynthShape"]).reused
+    full = W.generate_world(tmp_path / "all", seed=2, quick=True)
+    assert _hashes(full.root / "SynthShape") == _hashes(grown.root / "SynthShape")
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        W.generate_world(tmp_path / "w", seed=2, quick=True, tasks=["SynthNope"])

@@ -152,7 +152,8 @@ def run_merging_study(opts: DemoOptions) -> dict[str, Any]:
     plan, t0 = load_plan(), time.time()
     study = plan["merging"]
     out = Path(opts.out) / "merging"
-    world = generate_world(Path(opts.out) / "world", opts.seed, quick=opts.quick)
+    world = generate_world(Path(opts.out) / "world", opts.seed, quick=opts.quick,
+                           tasks=[*study["held_in"], *study["held_out"]])
     print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root}")
     results = _finetune_each(plan, opts, Path(opts.out) / "world", out)
     slugs = [f"{k:02d}-{t}" for k, t in enumerate(study["held_in"])]
