@@ -24,8 +24,9 @@ def demo(tmp_path_factory):
 
 
 def test_quick_demo_shows_zscl_preserving_transfer(demo):
-    """The ordering the demo exists to show. Margins checked on seeds 0-4 (FT loses 12-17 points of
-    Transfer, ZSCL stays within 1 point of zero-shot; both gain 7-14 points of Last), so it does not flake."""
+    """The ordering the demo exists to show. Margins checked on seeds 0-4 (FT loses 10.4-13.9 points of
+    Transfer, ZSCL stays within 1 point of zero-shot and 9.2-14.1 above FT; both gain >= 7.2 points of Last),
+    so it does not flake."""
     summary = json.loads((demo / "summary.json").read_text())
     ft, zscl = summary["methods"]["finetune"], summary["methods"]["zscl"]
     zero_shot = summary["zero_shot"]
