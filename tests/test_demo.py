@@ -108,3 +108,17 @@ def test_the_one_scale_down_reaches_every_method_alike():
         if "continual" in got:
             assert got["continual"]["memory"]["size"] == memory
     assert scale_overrides(load_plan("cil"), configs_dir() / "method/zscl.yaml") == {}  # CIL keeps its own
+
+
+def test_ablations_flag_picks_zscls_parts_and_refuses_what_it_cannot_mean(tmp_path, capsys):
+    from zscl.synthetic.demo import DemoOptions, load_plan, methods_to_run
+
+    plan = load_plan()
+    assert methods_to_run(plan, DemoOptions(ablations=True)) == plan["ablations"]
+    for argv in (["--ablations", "--methods", "zscl"], ["--ablations", "--setting", "cil"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", *argv, "--out", str(tmp_path), "--progress", "none"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "zscl demo: --ablations picks the methods itself" in err and "Traceback" not in err
+    assert not (tmp_path / "world").exists()  # refused before writing anything

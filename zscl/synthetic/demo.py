@@ -3,7 +3,8 @@
 The plan is data (``configs/demo.yaml``): which methods run, their labels, the one scale-down that
 maps the paper's recipe to 100-step tasks on a tiny CLIP (the same for every method), and the
 acceptance checks. For each method the demo runs exactly what
-``zscl sequence --config benchmark/synthetic --config method/<m> --config <scale overrides>`` runs — world files on disk, the dataset registry, the LightningModule, the runner — then writes:
+``zscl sequence --config benchmark/synthetic --config method/<m> --config <scale overrides>`` runs —
+world files on disk, the dataset registry, the LightningModule, the runner — then writes:
 
 * ``DIR/<method>/results.json`` (and the runner's checkpoints and logs);
 * ``DIR/report.md``: methods x Transfer/Avg/Last, per-dataset tables, the acceptance checks;
@@ -110,6 +111,9 @@ def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> di
 
 
 def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
+    if opts.ablations and (opts.methods or plan["setting"] != "mtil"):
+        raise ValueError("--ablations picks the methods itself, on the MTIL-style benchmark: "
+                         "use it without --methods and without --setting cil/fewshot")
     if opts.methods:
         names = opts.methods
     elif opts.ablations:
@@ -178,10 +182,14 @@ def _run_parallel(plan: dict, names: list[str], opts: DemoOptions, world_root: P
     return {n: results[n] for n in names}
 
 
+def _benchmark(plan: dict) -> dict:
+    with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
+        return yaml.safe_load(f)["benchmark"]
+
+
 def world_tasks(plan: dict) -> list[str]:
     """The synthetic tasks the plan's benchmark reads (the world writes only these)."""
-    with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
-        bench = yaml.safe_load(f)["benchmark"]
+    bench = _benchmark(plan)
     if bench.get("classes"):
         return [bench["classes"]["dataset"]]
     return [t["dataset"] if isinstance(t, dict) else str(t) for t in bench["tasks"]]
@@ -189,8 +197,7 @@ def world_tasks(plan: dict) -> list[str]:
 
 def plan_tasks(plan: dict) -> list:
     """The benchmark's tasks (for a class-incremental one: one per class step)."""
-    with open(configs_dir() / plan["benchmark"], encoding="utf-8") as f:
-        bench = yaml.safe_load(f)["benchmark"]
+    bench = _benchmark(plan)
     classes = bench.get("classes")
     if classes:
         from zscl.runner.cil import class_steps
