@@ -24,15 +24,15 @@ def demo(tmp_path_factory):
 
 
 def test_quick_demo_shows_zscl_preserving_transfer(demo):
-    """The ordering the demo exists to show. Measured on seeds 0-4 (FT loses 9.2-12.8 points of Transfer,
-    ZSCL stays within 1.5 points of zero-shot and 8.4-12.3 above FT; both gain >= 6.7 points of Last), so
-    the bounds below (6, 3, 6, 3) leave >= 1.5 points of margin on every seed and do not flake."""
+    """The ordering the demo exists to show. Measured on seeds 0-4 (FT loses 14.9-19.1 points of Transfer,
+    ZSCL stays within 1.3 points of zero-shot and 14.5-18.9 above FT; both gain >= 4.7 points of Last), so
+    the bounds below (10, 3, 10, 3) leave >= 1.7 points of margin on every seed and do not flake."""
     summary = json.loads((demo / "summary.json").read_text())
     ft, zscl = summary["methods"]["finetune"], summary["methods"]["zscl"]
     zero_shot = summary["zero_shot"]
-    assert ft["transfer"] <= zero_shot["transfer"] - 6, "continual fine-tuning should lose zero-shot transfer"
+    assert ft["transfer"] <= zero_shot["transfer"] - 10, "continual fine-tuning should lose zero-shot transfer"
     assert zscl["transfer"] >= zero_shot["transfer"] - 3, "ZSCL should keep zero-shot transfer"
-    assert zscl["transfer"] >= ft["transfer"] + 6, "ZSCL should keep clearly more transfer than fine-tuning"
+    assert zscl["transfer"] >= ft["transfer"] + 10, "ZSCL should keep clearly more transfer than fine-tuning"
     assert ft["last"] >= zero_shot["avg"] + 3 and zscl["last"] >= zero_shot["avg"] + 3, "both must learn the tasks"
     checks = {c["check"].split(":")[0]: c["passed"] for c in summary["acceptance"]}
     assert checks["room to learn"], "the world must leave room to learn"  # (2x chance: the full world's check;
