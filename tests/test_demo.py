@@ -122,3 +122,11 @@ def test_ablations_flag_picks_zscls_parts_and_refuses_what_it_cannot_mean(tmp_pa
         err = capsys.readouterr().err
         assert "zscl demo: --ablations picks the methods itself" in err and "Traceback" not in err
     assert not (tmp_path / "world").exists()  # refused before writing anything
+
+
+def test_method_summary_line_skips_metrics_a_run_does_not_have():
+    """A one-task run has no Transfer (None in its metrics): the progress line leaves it out instead of crashing."""
+    from zscl.synthetic.demo import metric_cells
+
+    assert metric_cells({"transfer": 44.21, "avg": 60.9, "last": 73.94}) == "Transfer  44.2  Avg  60.9  Last  73.9"
+    assert metric_cells({"transfer": None, "avg": 70.1, "last": 70.1, "bwt": None}) == "Avg  70.1  Last  70.1"
