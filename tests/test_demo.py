@@ -130,3 +130,18 @@ def test_method_summary_line_skips_metrics_a_run_does_not_have():
 
     assert metric_cells({"transfer": 44.21, "avg": 60.9, "last": 73.94}) == "Transfer  44.2  Avg  60.9  Last  73.9"
     assert metric_cells({"transfer": None, "avg": 70.1, "last": 70.1, "bwt": None}) == "Avg  70.1  Last  70.1"
+
+
+def test_a_one_task_benchmark_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Transfer is undefined with one task, so the acceptance checks could not run: refuse it up front."""
+    import zscl.synthetic.demo as demo_module
+
+    plan = demo_module.load_plan()
+    monkeypatch.setattr(demo_module, "load_plan", lambda setting="mtil": plan)
+    monkeypatch.setattr(demo_module, "plan_tasks", lambda p: [{"dataset": "SynthFadedShape"}])
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", "--out", str(tmp_path), "--progress", "none"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "has 1 task; Transfer and the acceptance checks need at least two" in err and "Traceback" not in err
+    assert not (tmp_path / "world").exists()

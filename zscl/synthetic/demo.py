@@ -224,6 +224,9 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
     quiet_lightning()
     plan = load_plan(opts.setting)
     names = methods_to_run(plan, opts)
+    if opts.setting != "cil" and len(plan_tasks(plan)) < 2:
+        raise ValueError(f"the demo's benchmark ({plan['benchmark']}) has {len(plan_tasks(plan))} task; Transfer and "
+                         "the acceptance checks need at least two")
     world_root = Path(opts.out) / "world"  # one world for every setting
     if opts.setting != "mtil":  # each setting's runs and report in their own folder
         opts = replace(opts, out=str(Path(opts.out) / opts.setting))
