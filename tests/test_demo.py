@@ -143,5 +143,24 @@ def test_a_one_task_benchmark_is_refused_before_any_work(tmp_path, monkeypatch, 
         main(["demo", "--quick", "--out", str(tmp_path), "--progress", "none"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "has 1 task; Transfer and the acceptance checks need at least two" in err and "Traceback" not in err
+    assert "has 1 task(s); Transfer and the acceptance checks need at least two" in err and "Traceback" not in err
     assert not (tmp_path / "world").exists()
+
+
+@pytest.mark.parametrize("argv", [["--seed", "1"], ["--merging", "--seed", "1"]])
+def test_a_run_folder_on_another_world_is_refused_with_what_to_do_and_kept(tmp_path, capsys, argv):
+    """A demo folder whose world has another seed (or generator version, after an upgrade) holds another run's
+    results: both demo entry points say to pick another --out (zscl demo has no --overwrite) and touch nothing."""
+    from zscl.synthetic.world import generate_world
+
+    generate_world(tmp_path / "world", 0, quick=True, tasks=["SynthCount"])
+    manifest = (tmp_path / "world" / "synthetic" / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", *argv, "--out", str(tmp_path), "--progress", "none"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"zscl demo: {tmp_path} holds a demo run on another synthetic world (seed=0, quick=True" in err
+    assert "this run needs seed=1, quick=True" in err and "pass another --out" in err
+    assert "--overwrite" not in err and "Traceback" not in err
+    assert (tmp_path / "world" / "synthetic" / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]

@@ -156,7 +156,7 @@ def _rows_done(out: Path, names: list[str]) -> int:
 
 
 def metric_cells(metrics: dict) -> str:
-    """"Transfer 44.2  Avg 60.9  Last 73.9"; a metric that is None (Transfer of a one-task run) is left out."""
+    """The line "Transfer 44.2  Avg 60.9  Last 73.9"; a metric that is None (Transfer of a one-task run) is left out."""
     return "  ".join(f"{k.title()} {metrics[k]:5.1f}" for k in ("transfer", "avg", "last") if metrics.get(k) is not None)
 
 
@@ -210,6 +210,20 @@ def plan_tasks(plan: dict) -> list:
     return bench["tasks"]
 
 
+def demo_world(out: str, opts: DemoOptions, tasks: list[str]) -> Any:
+    """The WorldInfo of the world under ``OUT/world`` (generated or reused). One of another seed, size or version there means
+    OUT holds another run, whose results the runner would resume: say so, and never overwrite it."""
+    from zscl.synthetic.world import WorldMismatch, describe_world, generate_world
+
+    try:
+        return generate_world(Path(out) / "world", opts.seed, quick=opts.quick, tasks=tasks)
+    except WorldMismatch as err:
+        raise FileExistsError(
+            f"{out} holds a demo run on another synthetic world ({describe_world(err.found)}); this run needs "
+            f"{describe_world(err.wanted)}. Its results would be mixed with this run's: pass another --out, "
+            f"or delete {out} to start over.") from None
+
+
 def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
     """Generate (or reuse) the world, run every method, write the report and plots; returns the summary.
 
@@ -219,20 +233,20 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
 
     from zscl.cli.quiet import quiet_lightning
     from zscl.synthetic.report import write_report
-    from zscl.synthetic.world import generate_world
 
     quiet_lightning()
     plan = load_plan(opts.setting)
     names = methods_to_run(plan, opts)
-    if opts.setting != "cil" and len(plan_tasks(plan)) < 2:
-        raise ValueError(f"the demo's benchmark ({plan['benchmark']}) has {len(plan_tasks(plan))} task; Transfer and "
+    n_tasks = len(plan_tasks(plan))
+    if opts.setting != "cil" and n_tasks < 2:
+        raise ValueError(f"the demo's benchmark ({plan['benchmark']}) has {n_tasks} task(s); Transfer and "
                          "the acceptance checks need at least two")
     world_root = Path(opts.out) / "world"  # one world for every setting
+    t0 = time.time()
+    world = demo_world(opts.out, opts, world_tasks(plan))
     if opts.setting != "mtil":  # each setting's runs and report in their own folder
         opts = replace(opts, out=str(Path(opts.out) / opts.setting))
     out = Path(opts.out)
-    t0 = time.time()
-    world = generate_world(world_root, opts.seed, quick=opts.quick, tasks=world_tasks(plan))
     print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root} ({time.time() - t0:.1f} s)")
     jobs = jobs or max(1, min(2, len(names), os.cpu_count() or 1))
     if jobs > 1:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from zscl.synthetic.demo import DemoOptions, load_plan
+from zscl.synthetic.demo import DemoOptions, demo_world, load_plan
 
 
 def _finetune_each(plan: dict, opts: DemoOptions, world_root: Path, out: Path) -> dict:
@@ -146,14 +146,12 @@ def _write(rows: dict[str, dict], study: dict, out: Path, elapsed: float) -> Non
 
 def run_merging_study(opts: DemoOptions) -> dict[str, Any]:
     from zscl.cli.quiet import quiet_lightning
-    from zscl.synthetic.world import generate_world
 
     quiet_lightning()
     plan, t0 = load_plan(), time.time()
     study = plan["merging"]
     out = Path(opts.out) / "merging"
-    world = generate_world(Path(opts.out) / "world", opts.seed, quick=opts.quick,
-                           tasks=[*study["held_in"], *study["held_out"]])
+    world = demo_world(opts.out, opts, [*study["held_in"], *study["held_out"]])
     print(f"synthetic world {'reused' if world.reused else 'generated'} at {world.root}")
     results = _finetune_each(plan, opts, Path(opts.out) / "world", out)
     slugs = [f"{k:02d}-{t}" for k, t in enumerate(study["held_in"])]

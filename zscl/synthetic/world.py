@@ -383,6 +383,22 @@ def _build(out: Path, seed: int, quick: bool, tasks: tuple[str, ...]) -> dict:
     return manifest
 
 
+class WorldMismatch(FileExistsError):
+    """A complete world of another seed, size (quick) or generator version is where one was asked for.
+
+    ``found`` and ``wanted`` are its and the asked-for manifest fields, for callers that phrase their own advice."""
+
+    def __init__(self, world: Path, found: dict, wanted: dict) -> None:
+        self.world, self.found, self.wanted = world, found, wanted
+        super().__init__(f"{world} holds a synthetic world with {describe_world(found)}; asked for "
+                         f"{describe_world(wanted)}. Pass overwrite=True (--overwrite) to replace it, or use another root.")
+
+
+def describe_world(fields: dict) -> str:
+    """The text "seed=0, quick=False, version=4" from manifest fields."""
+    return ", ".join(f"{k}={fields.get(k)}" for k in ("seed", "quick", "version"))
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
@@ -428,11 +444,7 @@ def generate_world(root: str | Path, seed: int = 0, *, quick: bool = False, over
                 return _info(world, manifest, reused=True)
             names = tuple(n for n in TASKS if n in set(names) | set(manifest["tasks"]))  # extend: same seed, same files
         else:
-            raise FileExistsError(
-                f"{world} holds a synthetic world with seed={manifest.get('seed')}, quick={manifest.get('quick')}, "
-                f"version={manifest.get('version')}; asked for seed={seed}, quick={quick}, "
-                f"version={GENERATOR_VERSION}. Pass overwrite=True (--overwrite) to replace it, or use another root."
-            )
+            raise WorldMismatch(world, {k: manifest.get(k) for k in wanted}, wanted)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root)
     partial = Path(tempfile.mkdtemp(prefix=f".synthetic-partial-{os.getpid()}-", dir=root))
