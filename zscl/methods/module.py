@@ -44,47 +44,29 @@ class ContinualCLIP(CLIPMethod):
     """Fine-tunes an open_clip CLIP on one task of a continual sequence (finetune / ZSCL / ablations).
 
     Args:
-        clip: open_clip architecture name (or an OpenAI JIT file).
-        pretrained: the *initial* weights: open_clip tag or local file (ZSCL's teacher).
-        init_from: weights to start this task from (the previous task's export); default: ``pretrained``.
         train_mode: which tower trains: ``whole`` (paper), ``image`` or ``text``.
-        lr, weight_decay, betas: AdamW (reference: lr 1e-5, 5e-5 for Aircraft/MNIST; wd 0; (0.9, 0.999)).
-        warmup_steps: linear warm-up, then cosine to 0 at ``trainer.max_steps``, stepped per iteration.
-        label_smoothing: of the task cross-entropy (reference: 0.2).
         distill: ZSCL distillation (off by default: plain fine-tuning).
         weight_constraint: lambda of WC (reference ``--l2 1``); 0 = off.
         averaging: averaging callbacks by name, e.g. ``[{"name": "we", "every": 100}]`` (ZSCL's WE).
-        speed: fast-path switches (all on for CUDA by default).
-        export_path: write the final (averaged) weights here as safetensors after training.
-        nan_check_every: check for a non-finite loss every N steps (a host sync; not every step).
+        **kwargs: :class:`~zscl.methods.base.CLIPMethod`'s arguments. The reference's values: AdamW lr 1e-5
+            (5e-5 for Aircraft/MNIST), wd 0, betas (0.9, 0.999); 100 warm-up steps; label smoothing 0.2.
+            ``pretrained`` is ZSCL's teacher (the *initial* weights).
     """
 
     def __init__(
         self,
-        clip: str = "ViT-B-16",
-        pretrained: Optional[str] = "openai",
-        init_from: Optional[str] = None,
         train_mode: Literal["whole", "image", "text"] = "whole",
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 100,
-        label_smoothing: float = 0.2,
         distill: Optional[Distillation] = None,
         weight_constraint: float = 0.0,
         averaging: Optional[list[dict[str, Any]]] = None,
-        speed: Optional[Speed] = None,
-        export_path: Optional[str] = None,
-        nan_check_every: int = 50,
+        **kwargs: Any,
     ) -> None:
         from zscl.models import select_trainable
 
         self.distill = distill or Distillation()
         self.averaging = list(averaging or [])
         self._check_averaging_specs()
-        super().__init__(clip=clip, pretrained=pretrained, init_from=init_from, lr=lr, weight_decay=weight_decay,
-                         betas=betas, warmup_steps=warmup_steps, label_smoothing=label_smoothing, speed=speed,
-                         export_path=export_path, nan_check_every=nan_check_every)
+        super().__init__(**kwargs)
         # Plain dicts in hparams keep Lightning checkpoints loadable with torch.load(weights_only=True).
         self.hparams["distill"], self.hparams["speed"] = asdict(self.distill), asdict(self.speed)
         if self.distill.active and self.distill.teacher == "task_start":
