@@ -80,7 +80,10 @@ def main(argv: list[str]) -> int:
 
     from zscl.cli.quiet import quiet_lightning
 
+    from zscl.runner import signals
+
     quiet_lightning()
+    signals.install()  # SIGTERM/SIGINT: checkpoint at the next step, exit 75 (zscl.runner.signals)
     with report_errors("zscl sequence") as status:
         check = "--check-data" in argv
         argv = with_method_overrides(resolve_config_args(bad_image_flags(argv)))
