@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request; rerunning the same command resumes
 
-_received: dict[str, Optional[int]] = {"signum": None}
+_received: dict[str, Optional[int]] = {"signum": None, "announced": None}
 
 
 def in_slurm_job() -> bool:
@@ -100,6 +100,13 @@ class StopOnSignal(Callback):
     def __init__(self, label: str, ckpt_path: Optional[str] = None, resume_hint: str = "rerun the same command to resume") -> None:
         self.label, self.ckpt_path, self.resume_hint = label, ckpt_path, resume_hint
         self._why: Optional[dict[str, Any]] = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not _received.get("announced") and trainer.is_global_zero:  # once per run: who set the ranks
+            env = trainer.strategy.cluster_environment if hasattr(trainer.strategy, "cluster_environment") else None
+            print(f"cluster environment: {type(env).__name__ if env is not None else 'none'} "
+                  f"(world size {trainer.world_size}, {trainer.num_nodes} node(s) x {trainer.num_devices} device(s))", flush=True)
+            _received["announced"] = 1
 
     def on_train_start(self, trainer, pl_module) -> None:
         install()  # replaces the SIGTERM handler Lightning installed at the start of fit
