@@ -76,10 +76,13 @@ def _run(subcommand: str, argv: list[str]) -> int:
     from zscl.runner import signals
     from zscl.runner.progress import TaskProgressBar
 
+    from zscl.utils.testing import pause_callback
+
+    hooks = [h for h in [pause_callback(0)] if h is not None]  # test hook: only when ZSCL_PAUSE_AT=0:K is set
     stop = signals.StopOnSignal(f"zscl {subcommand}", resume_hint="rerun the same command with --ckpt_path <checkpoint> to resume")
     defaults = {**trainer_defaults(), "max_epochs": -1, "num_sanity_val_steps": 0, "default_root_dir": "runs/fit",
                 "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_top_k=0, save_last=True),
-                              TaskProgressBar("fit"), stop]}
+                              TaskProgressBar("fit"), *hooks, stop]}
     quiet_lightning()
     signals.install()
     with report_errors(f"zscl {subcommand}") as status:
