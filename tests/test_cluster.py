@@ -136,6 +136,19 @@ def test_fit_stops_on_sigint_with_a_checkpoint_and_the_resume_command(world, tmp
     assert not (tmp_path / "fit" / "TinyStripes.safetensors").exists(), "an interrupted fit exports nothing"
 
 
+@pytest.mark.slow
+def test_a_lightning_hpc_checkpoint_is_never_resumed_from(world, tmp_path):
+    """zscl's task checkpoint is the single source of truth: Lightning would load hpc_ckpt_*.ckpt from the run
+    folder on its own under SLURM, so such a file stops the run (exit 2) before any training."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "hpc_ckpt_1.ckpt").write_bytes(b"not ours")
+    proc = run_zscl("sequence", *args(world, out), check=False, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{out / 'hpc_ckpt_1.ckpt'} is a Lightning SLURM checkpoint; zscl resumes only from its own" in proc.stderr
+    assert not (out / "checkpoints").exists() and not list(out.rglob("last.ckpt")), "nothing was trained"
+
+
 # ---------------------------------------------------------------- multi-node torchrun on 127.0.0.1
 @pytest.mark.slow
 def test_two_torchrun_nodes_equal_one_process(world, one_process):
