@@ -85,8 +85,20 @@ def stop_if_requested(where: str) -> None:
     signum = _agreed(received())
     if signum is not None:
         rank_zero = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume",
-                          rank_zero)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1 and in_slurm_job():
+            raise Interrupted(f"{name} {where}; {_requeue(rank_zero)}", rank_zero)
+        raise Interrupted(f"stopped by {name} {where}; rerun the same command to resume", rank_zero)
+
+
+def _requeue(rank_zero: bool) -> str:
+    """``scontrol requeue`` this job (rank 0 only); what to say about it."""
+    job = os.environ["SLURM_JOB_ID"]
+    if rank_zero:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"scontrol requeue {job} failed: {done.stderr.strip()}", flush=True)
+    return f"requeued SLURM job {job}"
 
 
 class StopOnSignal(Callback):
@@ -151,12 +163,7 @@ class StopOnSignal(Callback):
         self._why = None
         where = f"{self.label} step {trainer.global_step}; checkpoint {path}"
         if requeue:
-            job = os.environ["SLURM_JOB_ID"]
-            if trainer.is_global_zero:
-                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"scontrol requeue {job} failed: {done.stderr.strip()}", flush=True)
-            raise Interrupted(f"{name} at {where}; requeued SLURM job {job}", trainer.is_global_zero)
+            raise Interrupted(f"{name} at {where}; {_requeue(trainer.is_global_zero)}", trainer.is_global_zero)
         raise Interrupted(f"stopped by {name} at {where}; {self.resume_hint}", trainer.is_global_zero)
 
 
