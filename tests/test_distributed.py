@@ -70,3 +70,21 @@ def test_gathered_distillation_gradient_equals_single_process():
 def test_gather_is_the_identity_on_one_process():
     x = torch.randn(3, 4)
     assert gather_features(x, with_grad=True) is x
+
+
+@pytest.mark.slow
+def test_two_process_sequence_log_has_no_sync_dist_or_srun_hints(tmp_path):
+    """Lightning's launcher, 2 ranks: the evaluation logs already-reduced values (no `sync_dist=True` hint per
+    dataset and evaluation), and outside a SLURM job its "`srun` is available but not used" hint is not printed
+    (it can only appear where SLURM is installed: the cluster lane's machines)."""
+    from tests.test_sequence import run_zscl
+    from tests.tiny_world import benchmark_yaml, make_tiny_world
+
+    make_tiny_world(tmp_path)
+    benchmark_yaml(tmp_path, steps=2)
+    proc = run_zscl("sequence", "--config", str(tmp_path / "tiny" / "benchmark.yaml"), "--config", "method/finetune",
+                    "--out", str(tmp_path / "run"), "--progress", "none", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp", "--data.batch_size", "2")
+    log = proc.stdout + proc.stderr
+    assert "after TinyStripes" in log and "world size 2" in log, log[-3000:]
+    assert "sync_dist" not in log and "`srun` command is available" not in log, log[-3000:]

@@ -23,10 +23,15 @@ def report_errors(prog: str) -> Iterator[Status]:
     else propagates with its traceback."""
     from zscl.methods.guards import NonFiniteLossError
     from zscl.registry import RegistryError
+    from zscl.utils.signals import EXIT_INTERRUPTED, Interrupted
 
     status = Status()
     try:
         yield status
+    except Interrupted as err:  # SIGTERM/SIGINT/SIGUSR1: checkpoint written; one line on how to resume
+        if err.rank_zero:
+            print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        status.code = EXIT_INTERRUPTED
     except NonFiniteLossError as err:
         _print(prog, err)
         status.code = 3

@@ -36,8 +36,10 @@ class ZSCLCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         from zscl.utils.checkpoint_io import AtomicCheckpointIO
 
+        from zscl.utils.signals import cluster_plugins
+
         if not (self._get(self.config_init, "trainer", default={}) or {}).get("plugins"):
-            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+            kwargs.setdefault("plugins", [AtomicCheckpointIO(), *cluster_plugins()])
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -46,6 +48,9 @@ class ZSCLCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, TaskProgressBar):
                 cb.description = f"fit {self.datamodule.spec.name}"
+        from zscl.utils.signals import refuse_hpc_checkpoints
+
+        refuse_hpc_checkpoints(self.trainer.default_root_dir)
         if not self.model.hparams.export_path:
             root = Path(self.trainer.default_root_dir)
             self.model.hparams.export_path = str(root / f"{self.datamodule.spec.name}.safetensors")
@@ -70,12 +75,18 @@ def _run(subcommand: str, argv: list[str]) -> int:
     from zscl.methods import ContinualDataModule
     from zscl.methods.classes import model_class, model_class_from_args
     from zscl.runner.configs import resolve_config_args
+    from zscl.utils import signals
     from zscl.runner.progress import TaskProgressBar
 
+    from zscl.utils.testing import pause_callback
+
+    hooks = [h for h in [pause_callback(0)] if h is not None]  # test hook: only when ZSCL_PAUSE_AT=0:K is set
+    stop = signals.StopOnSignal(f"zscl {subcommand}", resume_hint="rerun the same command with --ckpt_path <checkpoint> to resume")
     defaults = {**trainer_defaults(), "max_epochs": -1, "num_sanity_val_steps": 0, "default_root_dir": "runs/fit",
                 "callbacks": [ModelCheckpoint(every_n_train_steps=100, save_top_k=0, save_last=True),
-                              TaskProgressBar("fit")]}
+                              TaskProgressBar("fit"), *hooks, stop]}
     quiet_lightning()
+    signals.install()
     with report_errors(f"zscl {subcommand}") as status:
         # LightningCLI reads sys.argv, which Lightning's DDP launcher also re-executes on the other ranks.
         argv = resolve_config_args(bad_image_flags(argv))

@@ -40,7 +40,10 @@ def main(argv: list[str]) -> int:
     from zscl.runner.build import parse_run
     from zscl.runner.sequence import SequenceRunner
 
+    from zscl.utils import signals
+
     quiet_lightning()
+    signals.install()  # SIGTERM/SIGINT: checkpoint at the next step, exit 75 (zscl.utils.signals)
     with report_errors("zscl sequence") as status:
         check, show = "--check-data" in argv, "--print_config" in argv
         parser, cfg = parse_run([a for a in argv if a != "--print_config"])

@@ -260,7 +260,9 @@ class CLIPMethod(L.LightningModule):
         per_class = [self._summed(c) for c in self._class_counts]
         self.eval_per_class = {n: c.tolist() for n, c in zip(self._eval_names, per_class)}  # [[correct, n], ...]
         for name, acc in self.eval_results.items():
-            self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, add_dataloader_idx=False)
+            # Already the all-ranks value (the counts are summed over ranks above): sync_dist=True declares it
+            # reduced, and with rank_zero_only Lightning runs no further collective on it.
+            self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, sync_dist=True, add_dataloader_idx=False)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)

@@ -32,12 +32,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from zscl.reference.memory import ExemplarMemory
 from zscl.runner.configs import task_dataset, task_overlay
+from zscl.utils import signals
 from zscl.runner.hooks import Continual, build_hooks
 from zscl.runner.progress import progress_bar
 from zscl.utils.checkpoint_io import AtomicCheckpointIO
 from zscl.utils.io import write_json_atomic
 from zscl.utils.ranks import barrier, is_rank_zero, say
-from zscl.utils.testing import kill_callback
+from zscl.utils.testing import kill_callback, pause_callback
 
 
 @dataclass
@@ -231,15 +232,17 @@ class SequenceRunner:
             ckpt_dir = self.out / "tasks" / self.slug(k)
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=self.opts.checkpoint_every,
                                              save_top_k=0, save_last=True, save_on_exception=False))
-            kill = kill_callback(k)  # test hook: only when ZSCL_KILL_AT=T:K is set
-            callbacks += [kill] if kill is not None else []
+            hooks = [kill_callback(k), pause_callback(k)]  # test hooks: only when ZSCL_KILL_AT / ZSCL_PAUSE_AT name task k
+            callbacks += [h for h in hooks if h is not None]
+            label = f"task {k + 1}/{len(self.tasks)} ({self.slug(k)})"
+            callbacks.append(signals.StopOnSignal(label, str(ckpt_dir / "last.ckpt")))  # SIGTERM/SIGINT/SIGUSR1
             kwargs["logger"] = [CSVLogger(self.out / "logs", name="csv", version=self.slug(k)),
                                 TensorBoardLogger(self.out / "logs", name="tb", version=self.slug(k))]
         else:
             kwargs["logger"] = False
         kwargs.update(callbacks=callbacks, enable_progress_bar=bar is not None, max_epochs=-1,
                       num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(self.out),
-                      plugins=[AtomicCheckpointIO()])
+                      plugins=[AtomicCheckpointIO(), *signals.cluster_plugins()])
         return L.Trainer(**kwargs)
 
     # ------------------------------------------------------------------ the sequence
@@ -250,6 +253,7 @@ class SequenceRunner:
         for k in range(n):
             if k < len(self.results["accuracy"]):
                 continue
+            signals.stop_if_requested(f"before task {k + 1}/{n} ({self.slug(k)})")
             self._task(k)
         self._finish()
         return self.results
@@ -286,6 +290,7 @@ class SequenceRunner:
         trainer = self.trainer(kw, k, title)
         ckpt = self.out / "tasks" / self.slug(k) / "last.ckpt"
         resume = str(ckpt) if ckpt.exists() else None
+        signals.refuse_hpc_checkpoints(self.out)  # our checkpoint is the only one a task resumes from
         say(f"{title}: {trainer.max_steps} steps, lr {model.hparams.lr:g}" + (f", resuming from {ckpt}" if resume else ""))
         trainer.fit(model, datamodule=dm, ckpt_path=resume)
         model.export(str(target))

@@ -19,3 +19,9 @@ def quiet_lightning() -> None:
                     ".*LeafSpec.*", ".*IterableDataset. has .__len__. defined.*",
                     ".*number of training batches.*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
+    import os
+
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning's hint is for a SLURM job that forgot srun; outside any job (a login node, a workstation
+        # with SLURM installed, torchrun) it does not apply. Inside a job without srun it stays.
+        warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
