@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zscl.models import load_clip
-from zscl.moe.adapters import BlockExperts, MoEAdapters, MoEConfig
+from zscl.moe.adapters import BlockExperts, MoEAdapters, MoEConfig, most_used
 from zscl.moe.ddas import AutoEncoderBank, DDASConfig, clip_features, select_routes
 
 
@@ -95,6 +95,17 @@ def test_activate_freeze_picks_the_most_used_experts_per_block():
     assert not moe.blocks[2].frozen.any(), "a block that routed nothing freezes nothing"
     assert int(moe.blocks[0].usage.sum()) == 0, "usage restarts for the next task"
 
+
+
+def test_activate_freeze_breaks_ties_toward_the_lower_expert_index():
+    """Tied counts: the lower index wins (torch.topk picks experts 3 and 5 of these four 12s on CPU)."""
+    counts = [3, 7, 12, 12, 0, 12, 12, 5]
+    assert most_used(torch.tensor(counts), 2).tolist() == [2, 3]
+    assert most_used(torch.tensor([12] * 22), 3).tolist() == [0, 1, 2]
+    moe = MoEAdapters(load_clip("zscl-tiny-vit", None).model, MoEConfig(num_experts=8, freeze_top=3), num_tasks=1)
+    moe.blocks[0].usage.copy_(torch.tensor(counts))
+    moe.freeze_most_used()
+    assert moe.blocks[0].frozen.nonzero().flatten().tolist() == [2, 3, 5]
 
 # ---------------------------------------------------------------------------- the module, trained in-process
 def _module(**kw):

@@ -247,13 +247,21 @@ class MoEAdapters(nn.Module):
         k = self.cfg.freeze_top
         for block in self.blocks:
             if k > 0 and int(block.usage.sum()) > 0:
-                # stable sort: ties go to the lower index, as topk does on equal counts
-                order = torch.sort(block.usage, descending=True, stable=True).indices[:k]
-                block.frozen[order] = True
+                block.frozen[most_used(block.usage, k)] = True
             block.usage.zero_()
 
     def frozen_experts(self) -> dict[str, list[int]]:
         return {name: torch.nonzero(b.frozen).flatten().tolist() for name, b in zip(self.names, self.blocks)}
+
+
+def most_used(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``counts``; among equal counts the lower expert index wins.
+
+    The reference takes ``torch.topk`` of the counts, which promises no order among ties (on counts
+    tied at 12 it may return either expert). zscl fixes the rule so that a run is reproducible on any
+    device: a stable descending sort keeps tied experts in index order.
+    """
+    return torch.sort(counts, descending=True, stable=True).indices[:k]
 
 
 def _width(block: nn.Module) -> int:
