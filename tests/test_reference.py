@@ -72,6 +72,20 @@ def test_dataset_source_drops_labels_and_limit_applies(pool):
     assert len(ds) == 2 and isinstance(ds[0], torch.Tensor) and ds[0].shape == (3, 6, 6)
 
 
+def test_limit_is_the_reference_seeded_random_subset_not_a_sorted_prefix(pool):
+    """ImageNetSUB keeps random_split(pool, [N, rest], generator=manual_seed(seed))[0]; same draw on every call."""
+    full = reference_image_dataset(ReferenceImages(source="folder", path="imgs"), pool, to_tensor)
+    values = [int(full[i][0, 0, 0]) for i in range(6)]
+    for seed in (42, 7):
+        cfg = ReferenceImages(source="folder", path="imgs", limit=4, limit_seed=seed)
+        picked = torch.utils.data.random_split(range(6), [4, 2], generator=torch.Generator().manual_seed(seed))[0]
+        expect = [values[i] for i in picked.indices]
+        for _ in range(2):  # a resumed run (or another rank) builds the pool again: the same subset
+            ds = reference_image_dataset(cfg, pool, to_tensor)
+            assert [int(ds[i][0, 0, 0]) for i in range(4)] == expect
+        assert expect != values[:4], f"seed {seed}'s draw happens to be the sorted prefix: pick another size"
+
+
 def test_missing_reference_images_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         reference_image_dataset(ReferenceImages(source="folder", path="nope"), tmp_path, None)

@@ -41,7 +41,8 @@ class ReferenceImages:
     path: str = "ImageNet"  # dataset name | folder | CSV/TSV file | shard pattern | memory JSON
     split: Literal["train", "test"] = "train"  # for source=dataset
     column: str = "filepath"  # for source=csv
-    limit: Optional[int] = None  # keep only the first N images (after sorting)
+    limit: Optional[int] = None  # keep N images drawn at random with limit_seed (the reference's ImageNetSUB)
+    limit_seed: int = 42  # the seed of that draw (the reference's random_split generator seed)
     cache: bool = False  # decode + test-transform every image once into a uint8 cache (small pools)
 
 
@@ -126,7 +127,7 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     from zscl.datasets.common import source_fingerprint
 
-    key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit,
+    key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit, cfg.limit_seed,
                     len(dataset), repr(transform), source_fingerprint(dataset))
     return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
 
@@ -149,8 +150,20 @@ def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Cal
     else:
         raise ValueError(f"source {cfg.source!r} is streamed; use reference_wds_stream")
     if cfg.limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))  # type: ignore[arg-type]
+        dataset = torch.utils.data.Subset(dataset, limit_indices(len(dataset), cfg.limit, cfg.limit_seed))  # type: ignore[arg-type]
     return dataset
+
+
+def limit_indices(n: int, limit: int, seed: int) -> list[int]:
+    """``limit`` of ``n`` pool positions drawn at random: the first ``limit`` of a seeded permutation.
+
+    The reference's ``ImageNetSUB`` keeps the first part of ``random_split(pool, [N, rest],
+    generator=manual_seed(42))``, i.e. ``randperm(n, generator)[:N]``; a sorted prefix would instead
+    be a handful of whole classes. The draw depends on ``(n, limit, seed)`` only, so every DDP rank and
+    every resumed run gets the same subset.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[: min(limit, n)].tolist()
 
 
 def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,
