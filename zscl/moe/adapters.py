@@ -55,6 +55,11 @@ class MoEConfig:
     noise_epsilon: float = 0.01
     freeze_top: int = 2  # experts frozen per block after each task (activate-freeze); 0 = off
     towers: tuple[str, ...] = ("image", "text")
+    # One router for every task (task id 0 always): the reference's class-incremental (cil/) set-up.
+    shared_router: bool = False
+    # Gate noise at evaluation too: a quirk of the reference's cil/ code. Off by default, so that an
+    # evaluation is a deterministic function of the weights; on, the noise is seeded per batch.
+    eval_gate_noise: bool = False
 
 
 class BlockExperts(nn.Module):
@@ -198,7 +203,8 @@ class MoEAdapters(nn.Module):
             mask = routes >= 0
             if not bool(mask.any()):
                 return None
-        idx, gates = experts.gates(xb[:, 0], routes, self.training, self.generator)
+        noisy = self.training or self.cfg.eval_gate_noise
+        idx, gates = experts.gates(xb[:, 0], routes, noisy, self.generator)
         if self.recording:
             experts.usage += torch.bincount(idx.flatten(), minlength=self.cfg.num_experts)
         y = experts(xb, idx, gates, self.generator)

@@ -64,17 +64,20 @@ class MoEAdapterCLIP(ContinualCLIP):
         prior = find_export(self.hparams.init_from) or (None if self.hparams.init_from else find_export(self.hparams.pretrained))
         state, done = read_moe(prior)[:2] if prior else ({}, 0)
         self.task = done  # this module trains task `done` (0-based)
+        # the router this task trains and evaluates with: its own, or the one shared by all (cil/ recipe)
+        self.route = 0 if self.moe_cfg.shared_router else done
         self.clip.requires_grad_(False)
-        self.moe = MoEAdapters(self.clip, self.moe_cfg, done + 1)
+        self.moe = MoEAdapters(self.clip, self.moe_cfg, self.route + 1)
         object.__setattr__(self, "extractor", build_extractor(self.ddas_cfg))
         self.ddas = AutoEncoderBank(self._feature_dim(), self.ddas_cfg, done + 1)
         if state:
             load_moe(state, self.moe, self.ddas)
         self.register_buffer("tasks_done", torch.tensor(done))
-        self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(done)]
+        self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(self.route)]
         self.ddas.requires_grad_(False)  # earlier tasks' autoencoders are final
-        self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
-                           for n, p in self.ddas.autoencoders[done].named_parameters()]
+        if self.ddas_cfg.enabled:
+            self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
+                               for n, p in self.ddas.autoencoders[done].named_parameters()]
         self._trainable_names = [n for n, _ in self.trainable]
         self.anchors = []  # no weight constraint: no task-start copy of the CLIP
         self._finished = False
@@ -110,12 +113,14 @@ class MoEAdapterCLIP(ContinualCLIP):
         adapters = [p for n, p in self.trainable if n.startswith("moe.")]
         autoencoder = [p for n, p in self.trainable if n.startswith("ddas.")]
         # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference.
-        groups = [{"params": adapters, "lr": h.lr, "weight_decay": h.weight_decay},
-                  {"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0}]
+        groups = [{"params": adapters, "lr": h.lr, "weight_decay": h.weight_decay}]
+        schedules = [lambda k: cosine_warmup_factor(k, steps, h.warmup_steps)]
+        if autoencoder:  # DDAS on
+            groups.append({"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0})
+            schedules.append(lambda k: 1.0)
         fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
         opt = torch.optim.AdamW(groups, betas=tuple(h.betas), fused=fused or None)
-        warmup = h.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: cosine_warmup_factor(k, steps, warmup), lambda k: 1.0])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -127,9 +132,11 @@ class MoEAdapterCLIP(ContinualCLIP):
         # Noise and dropout from a generator seeded by the step: a resumed run draws the same numbers.
         self.moe.seed_step(mix_seed(29, self.task, self.global_step, self.global_rank), self.device)
         self.moe.recording = True
-        with self.moe.routing(self.task):
+        with self.moe.routing(self.route):
             loss = super().training_step(batch, batch_idx)
         self.moe.recording = False
+        if not self.ddas_cfg.enabled:
+            return loss
         images = normalize_images(batch["task"][0], self.bundle.mean, self.bundle.std)
         feats = self._ddas_features(images)
         steps = self.trainer.max_steps
@@ -178,10 +185,13 @@ class MoEAdapterCLIP(ContinualCLIP):
 
     # ----------------------------------------------------------------- evaluation with DDAS
     def routes_for(self, images: torch.Tensor) -> torch.Tensor:
-        """DDAS: per image the trained task whose router to use, or -1 (zero-shot CLIP)."""
+        """DDAS: per image the trained task whose router to use, or -1 (zero-shot CLIP).
+
+        Without DDAS every image takes the latest trained task's router (the shared one: 0)."""
         tasks = int(self.tasks_done)
-        if tasks == 0:
-            return torch.full((len(images),), -1, dtype=torch.long, device=images.device)
+        if tasks == 0 or not self.ddas_cfg.enabled:
+            route = -1 if tasks == 0 else (0 if self.moe_cfg.shared_router else tasks - 1)
+            return torch.full((len(images),), route, dtype=torch.long, device=images.device)
         errors = self.ddas.errors(self._ddas_features(images), tasks)
         return select_routes(errors, self.ddas.thresholds[:tasks], self.ddas_cfg.decision)
 
@@ -213,6 +223,8 @@ class MoEAdapterCLIP(ContinualCLIP):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         images = normalize_images(images, self.bundle.mean, self.bundle.std)
+        if self.moe_cfg.eval_gate_noise:  # the reference's quirk, made reproducible: noise seeded per batch
+            self.moe.seed_step(mix_seed(31, dataloader_idx, batch_idx, self.global_rank), self.device)
         routes = self.routes_for(images)
         with self.moe.routing(routes):
             feats = F.normalize(self.clip.encode_image(images).float(), dim=-1)
