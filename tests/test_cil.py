@@ -265,3 +265,53 @@ def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
     assert "| zscl | 77.0 | 66.0 | ZSCL | 82.2 | 73.7 |" in report and "| ZSCL | 90.0 | 75.0 | 66.0 |" in report
     assert "| zero-shot | 60.0 | 40.0 | – | – | – |" in report and summary["zero_shot"] == {"avg": 60.0, "last": 40.0}
     assert (tmp_path / "plots" / "accuracy_per_step.png").stat().st_size > 0
+
+
+def _resolved(*argv: str) -> dict:
+    """The configuration a `zscl sequence` run records in results.json ("config"), without running it."""
+    from zscl.cli.sequence import build_parser
+    from zscl.runner.configs import resolve_config_args, with_method_overrides
+
+    args = with_method_overrides(resolve_config_args([*argv, "--out", "unused"]))
+    parser = build_parser(args)  # the model schema of the method's model_class
+    cfg = parser.parse_args(args)
+    return json.loads(parser.dump(cfg, format="json", skip_none=False))
+
+
+@pytest.mark.parametrize("bench, batch", [("cil_cifar100_10", 128), ("cil_cifar100_20", 128), ("cil_cifar100_50", 64),
+                                          ("cil_tinyimagenet_5", 64), ("cil_tinyimagenet_10", 64),
+                                          ("cil_tinyimagenet_20", 64)])
+def test_moe_adapters_on_cil_resolves_to_the_reference_cil_recipe(bench, batch):
+    """MoE-Adapters4CL's cil/ set-up, written out here: 2 experts, top-2, one shared router, no activate-freeze,
+    no DDAS, lr 1e-3, label smoothing 0, batch 128 (CIFAR100, 10 and 20 steps) or 64."""
+    from zscl.evaluation.compare import load_published, published_row, recipe_mismatches
+
+    cfg = _resolved("--config", f"benchmark/{bench}", "--config", "method/moe_adapters")
+    model = cfg["model"]
+    assert (model["lr"], model["label_smoothing"], cfg["data"]["batch_size"]) == (1e-3, 0.0, batch)
+    moe = model["moe"]
+    assert (moe["num_experts"], moe["top_k"], moe["freeze_top"], moe["shared_router"]) == (2, 2, 0, True)
+    assert model["ddas"]["enabled"] is False and moe["eval_gate_noise"] is True
+    entry = published_row(load_published(bench), "moe_adapters")
+    assert entry is not None and recipe_mismatches(entry, cfg) == []
+    later = _resolved("--config", f"benchmark/{bench}", "--config", "method/moe_adapters", "--model.lr", "7.1e-6")
+    assert recipe_mismatches(entry, later) == ["model.lr = 7.1e-06 (published: 0.001)"], "a later key still wins"
+
+
+def test_compare_pairs_the_published_moe_cil_row_only_with_runs_of_its_recipe(tmp_path):
+    from zscl.evaluation.compare import compare
+
+    recipe = _resolved("--config", "benchmark/cil_cifar100_10", "--config", "method/moe_adapters")
+    mtil_recipe = _resolved("--config", "benchmark/cil_cifar100_10", "--config", "method/moe_adapters",
+                            "--model.moe.num_experts", "22", "--model.moe.shared_router", "false")
+    base = {"setting": "cil", "benchmark": "cil_cifar100_10", "method": "moe_adapters", "accuracy": [90.0, 80.0],
+            "seen_classes": [[0], [0, 1]], "step_classes": [[0], [1]]}
+    for name, config in (("good", recipe), ("bad", mtil_recipe), ("none", None)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**base, "config": config}))
+    _, _, tables = compare([str(tmp_path / "good.json")])
+    assert tables[0].rows[0][3:6] == ["MoE-Adapters", 85.21, 77.52] and not tables[0].notes
+    for name in ("bad", "none"):
+        _, _, tables = compare([str(tmp_path / f"{name}.json")])
+        assert tables[0].rows[0][3:] == [None] * 5, f"{name}: a run of another recipe must stand alone"
+        assert "not paired with the published MoE-Adapters row" in tables[0].render("md")
+    assert "model.moe.num_experts = 22 (published: 2)" in compare([str(tmp_path / "bad.json")])[2][0].notes[0]

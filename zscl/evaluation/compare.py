@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from zscl.evaluation.incremental import CilRun, check_cil_comparable, cil_published_rows, cil_run, cil_summary_rows, setting_of
+from zscl.evaluation.incremental import (
+    CilRun,
+    check_cil_comparable,
+    cil_pairing_notes,
+    cil_published_rows,
+    cil_run,
+    cil_summary_rows,
+    setting_of,
+)
 from zscl.evaluation.metrics import AccuracyMatrix, MatrixError, summarize
 
 Format = Literal["md", "csv", "latex"]
@@ -110,13 +118,37 @@ def load_published(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def published_row(table: dict[str, Any], label: str) -> Optional[dict[str, Any]]:
-    """The published entry whose config name or method name matches ``label`` (case-insensitive)."""
+def published_row(table: dict[str, Any], label: str, config: Optional[dict[str, Any]] = None,
+                  check_recipe: bool = False) -> Optional[dict[str, Any]]:
+    """The published entry whose config name or method name matches ``label`` (case-insensitive).
+
+    With ``check_recipe``, an entry that names a ``recipe`` (dotted config keys -> values, e.g. MoE-Adapters'
+    own class-incremental set-up) matches only a run whose resolved ``config`` has every one of them.
+    """
     key = label.lower()
     for entry in table["results"]:
         if key in (str(entry.get("config", "")).lower(), str(entry["method"]).lower()):
+            if check_recipe and recipe_mismatches(entry, config):
+                return None
             return entry
     return None
+
+
+def recipe_mismatches(entry: dict[str, Any], config: Optional[dict[str, Any]]) -> list[str]:
+    """``key = ours (published: theirs)`` for every recipe key of ``entry`` the run's config does not share."""
+    out = []
+    for dotted, expected in (entry.get("recipe") or {}).items():
+        value: Any = config or {}
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != expected:
+            out.append(f"{dotted} = {value} (published: {expected})")
+    return out
+
+
+def entry_notes(entry: Optional[dict[str, Any]]) -> list[str]:
+    """A published entry's footnote (e.g. a row at chance), printed wherever the row is shown."""
+    return [f"{entry['method']}: {entry['note']}"] if entry and entry.get("note") else []
 
 
 def published_matrix(entry: dict[str, Any], table: dict[str, Any]) -> Optional[AccuracyMatrix]:
@@ -136,6 +168,7 @@ class Table:
     header: list[str]
     rows: list[list[Any]]
     title: str = ""
+    notes: list[str] = field(default_factory=list)  # footnotes printed under the table
 
     def render(self, fmt: Format = "md") -> str:
         return {"md": _markdown, "csv": _csv, "latex": _latex}[fmt](self)
@@ -154,7 +187,8 @@ class Delta(float):
 def _markdown(t: Table) -> str:
     lines = [f"**{t.title}**", ""] if t.title else []
     lines += ["| " + " | ".join(t.header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.header))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows])
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in t.notes] if t.notes else []))
 
 
 def _csv(t: Table) -> str:
@@ -162,7 +196,7 @@ def _csv(t: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(t.header)
     writer.writerows([["" if c is None else (round(c, 4) if isinstance(c, float) else c) for c in row] for row in t.rows])
-    return buf.getvalue().rstrip("\n")
+    return buf.getvalue().rstrip("\n") + "".join(f"\n# Note: {n}" for n in t.notes)
 
 
 def _latex(t: Table) -> str:
@@ -171,6 +205,7 @@ def _latex(t: Table) -> str:
              r"\midrule"]
     lines += [" & ".join(esc(_cell(c)).replace("–", "--") for c in row) + r" \\" for row in t.rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% Note: {n}" for n in t.notes]
     return ("% " + t.title + "\n" if t.title else "") + "\n".join(lines)
 
 
@@ -191,12 +226,14 @@ def summary_table(runs: Sequence[Run], published: Optional[dict[str, Any]] = Non
         pub = (published or {}).get("zero_shot_published")
         rows.append(["zero-shot", *_zero_shot_metrics(runs[0]), *_published_cells(pub, "Zero-shot", _zero_shot_metrics(runs[0]),
                                                                                   published, delta)])
+    notes: list[str] = []
     for run in runs:
         ours = [run.summary[k] for k, _ in METRICS]
         entry = published_row(published, run.label) if published is not None else None
         rows.append([run.label, *ours, *_published_cells(entry and entry["published"], entry and entry["method"], ours,
                                                          published, delta)])
-    return Table(header, rows, "Transfer / Avg / Last (%)")
+        notes += entry_notes(entry)
+    return Table(header, rows, "Transfer / Avg / Last (%)", notes)
 
 
 def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, published: Optional[dict], delta: bool) -> list:
@@ -212,6 +249,7 @@ def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, publi
 def published_table(published: dict[str, Any]) -> Table:
     """The paper's rows: Transfer / Avg / Last recomputed from its matrices, beside the printed ones."""
     rows: list[list[Any]] = []
+    notes = [n for entry in published["results"] for n in entry_notes(entry)]
     zs = published.get("zero_shot_published")
     if zs:
         rows.append(["Zero-shot", None, None, None, *(float(zs[k]) for k, _ in METRICS)])
@@ -220,7 +258,7 @@ def published_table(published: dict[str, Any]) -> Table:
         ours = [summarize(m)[k] for k, _ in METRICS] if m is not None else [None] * 3
         rows.append([entry["method"], *ours, *(float(entry["published"][k]) for k, _ in METRICS)])
     header = ["method", *(f"{t} (from matrix)" for _, t in METRICS), *(f"{t} (printed)" for _, t in METRICS)]
-    return Table(header, rows, f"published: {published.get('benchmark', '')}")
+    return Table(header, rows, f"published: {published.get('benchmark', '')}", notes)
 
 
 def per_dataset_tables(runs: Sequence[Run]) -> list[Table]:
@@ -314,6 +352,6 @@ def _cil_tables(runs: Sequence[CilRun], table: Optional[dict[str, Any]]) -> list
         if dupes:
             raise CompareError(f"several runs are labelled {', '.join(map(repr, dupes))}; give each a distinct --label")
         header, rows = cil_summary_rows(runs, table)
-        return [Table(header, rows, "class-incremental Avg / Last (%)")]
+        return [Table(header, rows, "class-incremental Avg / Last (%)", cil_pairing_notes(runs, table))]
     header, rows = cil_published_rows(table)
     return [Table(header, rows, f"published: {table.get('benchmark', '')}")]

@@ -95,6 +95,7 @@ class CilRun:
     classes: list[list[int]]
     summary: dict[str, Any] = field(init=False)
     path: Optional[Path] = None
+    config: Optional[dict[str, Any]] = None  # the run's resolved configuration (results.json "config")
 
     def __post_init__(self) -> None:
         self.summary = summarize_cil(self.curve)
@@ -106,7 +107,7 @@ def cil_run(res: dict[str, Any], file: Path, label: str) -> CilRun:
     if done != total or not total:
         raise ValueError(f"{file}: the run is incomplete ({done} of {total} steps); rerun its command to finish it")
     return CilRun(label, str(res.get("benchmark", "custom")), IncrementalCurve.from_results(res),
-                  res["step_classes"], path=file)
+                  res["step_classes"], path=file, config=res.get("config"))
 
 
 def check_cil_comparable(runs: Sequence[CilRun]) -> None:
@@ -134,11 +135,25 @@ def cil_summary_rows(runs: Sequence[CilRun], published: Optional[dict[str, Any]]
         ours = [run.summary[k] for k, _ in METRICS]
         row: list[Any] = [run.label, *ours]
         if published is not None:
-            entry = published_row(published, run.label)
+            entry = published_row(published, run.label, run.config, check_recipe=True)
             pub = [None if entry is None else _value(entry["published"].get(k)) for k, _ in METRICS]
             row += [entry and entry["method"], *pub, *(Delta(o - p) if p is not None else None for o, p in zip(ours, pub))]
         rows.append(row)
     return header, rows
+
+
+def cil_pairing_notes(runs: Sequence[CilRun], published: Optional[dict[str, Any]]) -> list[str]:
+    """Why a run stands without the published row of its method: it does not use that row's recipe."""
+    from zscl.evaluation.compare import published_row, recipe_mismatches
+
+    notes = []
+    for run in runs:
+        entry = published_row(published, run.label) if published is not None else None
+        wrong = recipe_mismatches(entry, run.config) if entry else []
+        if wrong:
+            notes.append(f"{run.label} is not paired with the published {entry['method']} row, whose recipe it does "
+                         f"not use: {'; '.join(wrong)} (run it with the benchmark's method overrides)")
+    return notes
 
 
 def cil_published_rows(published: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
