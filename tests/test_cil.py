@@ -60,6 +60,20 @@ def test_tinyimagenet_missing_layout_names_it(tmp_path):
         build_dataset("TinyImageNet", tmp_path, "test")
 
 
+def test_tinyimagenet_train_lists_classes_in_wnids_txt_order(tmp_path):
+    """The reference's loader (continuum) walks wnids.txt's order, so iCaRL's first-10,000 candidates of a
+    step are the first classes in that order; sorted folder names would give other classes."""
+    from zscl.datasets.tinyimagenet import wnids
+
+    ids = wnids()
+    assert ids[:3] == ["n02124075", "n04067472", "n04540053"]  # the official wnids.txt's first rows
+    classes = [2, 0, 1, 5]  # sorted by folder name: 5 (n01641577) first
+    assert sorted(classes, key=lambda c: ids[c]) != sorted(classes)
+    make_fake_dataset("TinyImageNet", tmp_path, classes=classes, per_class=2)
+    ds = build_dataset("TinyImageNet", tmp_path, "train")
+    assert dataset_labels(ds) == [0, 0, 1, 1, 2, 2, 5, 5]
+
+
 def test_view_remaps_labels_to_its_class_list(tmp_path):
     fake = make_fake_dataset("CIFAR100", tmp_path, classes=[3, 7, 11, 50], per_class=2)
     name = register_view(DatasetView("CIFAR100", (50, 3), templates=("a bad photo of a {c}.",)))
@@ -145,6 +159,18 @@ def test_cil_seen_class_evaluation_matches_a_hand_built_expectation(cil_run):
     assert res["metrics"]["avg"] == pytest.approx(sum(res["accuracy"]) / 3)
     assert res["metrics"]["last"] == res["accuracy"][2]
     assert len(res["zero_shot"]) == 3 and res["metrics"]["zero_shot_avg"] == pytest.approx(sum(res["zero_shot"]) / 3)
+
+
+@pytest.mark.slow
+def test_cil_step_runs_len_loader_plus_one_iterations_as_the_reference(cil_run):
+    """The reference loops len(loader) + 1 times per step: ceil(images / batch) + 1. Steps of 40, 30 and 30
+    classes with one image each, batch 16: 3 + 1, 2 + 1, 2 + 1. A step shorter than the warm-up keeps its last
+    iteration a real update: CIFAR100 in 50 steps (1000 images, batch 64) runs 17, the 17th at 17/30 of the lr."""
+    from zscl.methods.losses import cosine_warmup_factor
+
+    _, _, runner, _ = cil_run
+    assert [t["steps"] for t in runner.cfg.benchmark.tasks] == [4, 3, 3]
+    assert cosine_warmup_factor(16, 17, 30) == 17 / 30
 
 
 @pytest.mark.slow

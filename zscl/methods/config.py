@@ -15,9 +15,10 @@ class Distillation:
 
     ``teacher`` picks the frozen model:
 
-    * ``"initial"`` (ZSCL): the initial pretrained CLIP, on every task;
-    * ``"task_start"`` (LwF, LwF-VR, iCaRL): the weights this task starts from, i.e. the
-      previous task's final model (the initial CLIP on the first task) — the reference code's
+    * ``"initial"`` (ZSCL, iCaRL): the initial pretrained CLIP, on every task (the reference's
+      iCaRL never sets a previous-task model, so its teacher is the zero-shot CLIP);
+    * ``"task_start"`` (LwF, LwF-VR): the weights this task starts from, i.e. the previous
+      task's final model (the initial CLIP on the first task) — the reference code's
       ``--ref-model <previous task>.pth``.
 
     ``text_mode`` picks the text-side term:

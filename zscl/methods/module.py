@@ -7,7 +7,8 @@ One training iteration (Zheng et al., ICCV 2023; the reference code's ``finetune
 * ``g_class``: the first (training) template filled with each class name, encoded by the
   *current* text tower ("whole" mode trains both towers; ``logit_scale`` never trains);
 * ``KD_img``/``KD_txt``: :class:`~zscl.methods.config.Distillation` against a frozen teacher
-  on reference images/texts: the *initial* CLIP for ZSCL, the task-start model for LwF/iCaRL;
+  on reference images/texts: the *initial* CLIP for ZSCL and iCaRL, the task-start model for
+  LwF and LwF-VR;
 * ``p_0``: the weights as loaded at the start of the current task (weight constraint, WC);
 * the weight ensemble (WE), EMA and other averaging run as callbacks over the student's
   parameters (``averaging`` specs, see :mod:`zscl.merging.callbacks`).

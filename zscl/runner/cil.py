@@ -75,7 +75,7 @@ class ClassIncrementalRunner(SequenceRunner):
         for y in labels:
             per_class[y] = per_class.get(y, 0) + 1
         batch = cfg.data.batch_size * _world_size(cfg.trainer)
-        iters = [max(1, math.ceil(spec_cfg.epochs * sum(per_class[c] for c in s) / batch)) for s in self.steps]
+        iters = [math.ceil(spec_cfg.epochs * sum(per_class[c] for c in s) / batch) + 1 for s in self.steps]
         cfg.benchmark.tasks = [{"dataset": v, "steps": n} for v, n in zip(self.step_views, iters)]
         cfg.benchmark.eval_datasets = None
         super().__init__(parser, cfg)
