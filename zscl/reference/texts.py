@@ -40,7 +40,10 @@ class ReferenceTexts:
     limit: Optional[int] = None  # keep only the first N texts
     n_random: int = 1000  # for source=random
     random_length: int = 10
-    seed: int = 0
+    seed: int = 0  # for source=random: the seed of the draw
+    # for source=random: false (default) = the same sentences for every task, as the reference (each task's
+    # process runs seed_all(42) and then the same code before virtual_vocab()); true = new ones per task
+    random_per_task: bool = False
 
 
 def caption_texts(path: Path, column: str) -> list[str]:
@@ -80,10 +83,11 @@ def random_tokens(n: int, length: int, tokenizer, seed: int) -> torch.Tensor:
 
 
 def for_task(cfg: ReferenceTexts, dataset: str, data_seed: int) -> ReferenceTexts:
-    """``source: task`` made concrete (the task's class prompts); random sentences seeded per task."""
+    """``source: task`` made concrete (the task's class prompts); random sentences drawn from ``cfg.seed``
+    alone (the same every task), or, with ``random_per_task``, from it mixed with the task's ``data_seed``."""
     if cfg.source == "task":
         return replace(cfg, source="classnames", datasets=[dataset])
-    if cfg.source == "random":
+    if cfg.source == "random" and cfg.random_per_task:
         from zscl.datasets.streams import mix_seed
 
         return replace(cfg, seed=mix_seed(cfg.seed, data_seed))
