@@ -135,6 +135,44 @@ def test_module_step_matches_plain_fp32_step(method, train_mode, text_mode, fold
         assert not any(n.startswith("transformer.") for n in grads)
 
 
+class CaptureMicroBatches(Capture):
+    """With gradient accumulation: both micro-batches of the first optimizer step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.batches = getattr(self, "batches", []) + [batch]
+            if batch_idx == 0:
+                self.student = copy.deepcopy(pl_module.clip)
+
+
+def test_folded_wc_under_gradient_accumulation_matches_the_mean_loss_gradient():
+    """accumulate_grad_batches = 2: the step's gradient is that of mean_b (L_b + λ‖p − a‖²), in plain fp32
+    autograd (λ = 1). Adding the folded WC term at full strength on every micro-batch would double it."""
+    from zscl.methods.config import Speed
+
+    torch.manual_seed(0)
+    module = build_module(MODEL, "zscl", compile="off", speed=Speed(compile=False, fold_weight_constraint=True))
+    perturb_(module.clip)
+    teacher = copy.deepcopy(module.teacher)
+    data = RandomBatches(module.bundle.image_size, batch=4, ref_batch=3, classes=5, ref_texts=6, seed=3)
+    capture = CaptureMicroBatches()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=1, accumulate_grad_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[capture])
+    trainer.fit(module, datamodule=data)
+    assert len(capture.batches) == 2
+    grads = []
+    for batch in capture.batches:
+        _, g = plain_step(copy.deepcopy(capture.student), teacher, module.bundle.tokenizer, data.spec.prompts(),
+                          data.reference_tokens(module.bundle.tokenizer), batch, train_mode="whole", text_mode="coded")
+        grads.append(g)
+    assert set(capture.grads) == set(grads[0])
+    for name in grads[0]:
+        expect = (grads[0][name] + grads[1][name]) / 2
+        tol = 1e-5 * expect.abs().max().item()
+        torch.testing.assert_close(capture.grads[name], expect, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_teacher_is_frozen_and_outside_the_module():
     torch.manual_seed(0)
     module = build_module(MODEL, "zscl", compile="off")
