@@ -180,3 +180,24 @@ def test_ref_classes_method_config_resolves_to_the_imagenet_class_subset():
     args = resolve_config_args(["--config", "benchmark/mtil_order1", "--config", "method/ref_classes", "--out", "unused"])
     ref = build_parser(args).parse_args(args).data.reference_images
     assert (ref.source, ref.path, ref.split, ref.first_classes, ref.per_class) == ("dataset", "ImageNet", "train", 64, 100)
+
+
+def test_classnames_so_far_accumulate_the_prompts_of_the_tasks_trained_so_far():
+    """Task k's reference texts: the class prompts of tasks 0..k, in task order (the reference's growing
+    --text-datasets lists); method/texts_so_far carries MTIL order I."""
+    from zscl.datasets import get_dataset
+    from zscl.reference.texts import for_task
+
+    order = ["DTD", "MNIST", "EuroSAT"]
+    cfg = ReferenceTexts(source="classnames_so_far", datasets=order)
+    for k, name in enumerate(order):
+        texts = reference_texts(for_task(cfg, name, 42), ".")
+        assert texts == [p for d in order[: k + 1] for p in get_dataset(d).prompts()]
+    with pytest.raises(ValueError, match="lacks the task 'Food'"):
+        for_task(cfg, "Food", 42)
+    import yaml
+
+    from zscl.resources import configs_dir
+
+    method = yaml.safe_load((configs_dir() / "method" / "texts_so_far.yaml").read_text())
+    assert method["data"]["reference_texts"]["datasets"][:3] == ["Aircraft", "Caltech101", "CIFAR100"]
