@@ -279,8 +279,8 @@ def _tinyimagenet(root: Path, classes: list[int], per_class: int, size: int) -> 
     from zscl.datasets.tinyimagenet import wnids
 
     ids, base = wnids(), root / "tiny-imagenet-200"
-    by_wnid = sorted(classes, key=lambda c: ids[c])  # the builder visits train folders sorted by WordNet id
-    for c in by_wnid:
+    by_label = sorted(classes)  # the builder visits train folders in wnids.txt (label) order
+    for c in sorted(classes, key=lambda c: ids[c]):  # written in another order: the disk order must not matter
         for k in range(per_class):
             _save(base / "train" / ids[c] / "images" / f"{ids[c]}_{k}.JPEG", fake_image(c, k, size))
     val = _per_split(classes, per_class)  # val_0, val_1, ...: classes interleaved
@@ -289,7 +289,7 @@ def _tinyimagenet(root: Path, classes: list[int], per_class: int, size: int) -> 
         _save(base / "val" / "images" / f"val_{n}.JPEG", fake_image(c, 100 + n, size))
     (base / "val" / "val_annotations.txt").write_text("\n".join(reversed(rows)) + "\n")  # any row order
     order = sorted(range(len(val)), key=lambda n: f"val_{n}.JPEG")  # the builder sorts by file name
-    return {"train": [c for c in by_wnid for _ in range(per_class)], "test": [val[n] for n in order]}
+    return {"train": [c for c in by_label for _ in range(per_class)], "test": [val[n] for n in order]}
 
 
 Writer = Callable[[Path, list, int, int], "dict[str, list[int]] | list[int]"]

@@ -110,7 +110,9 @@ def test_lwf_reference_texts_are_the_current_tasks_class_prompts(lwf_task2):
 # -- LwF-VR ---------------------------------------------------------------------------------------
 
 
-def test_lwf_vr_virtual_vocabulary_has_the_reference_shape_and_is_seeded_per_task(world):
+def test_lwf_vr_virtual_vocabulary_has_the_reference_shape_and_is_the_same_every_task(world):
+    """The reference's virtual_vocab(): randint(0, 49408, (1000, 10)) between SOT and EOT, from a RNG seeded the
+    same way before the same code in every task's process, so the same sentences every task (by default)."""
     from zscl.cli.sequence import build_parser
     from zscl.methods.datamodule import ContinualDataModule
     from zscl.models import load_clip
@@ -121,9 +123,9 @@ def test_lwf_vr_virtual_vocabulary_has_the_reference_shape_and_is_seeded_per_tas
     texts = ReferenceTexts(**vars(cfg.data.reference_texts))
     tok = load_clip("zscl-tiny-vit", None).tokenizer
 
-    def tokens(seed: int, data_seed: int) -> torch.Tensor:
-        dm = ContinualDataModule(dataset="DTD", data_root=str(world), seed=data_seed,
-                                 reference_texts=ReferenceTexts(**{**vars(texts), "seed": seed}))
+    def tokens(seed: int, data_seed: int, per_task: bool = False) -> torch.Tensor:
+        dm = ContinualDataModule(dataset="DTD", data_root=str(world), seed=data_seed, reference_texts=ReferenceTexts(
+            **{**vars(texts), "seed": seed, "random_per_task": per_task}))
         return dm.reference_tokens(tok)
 
     t = tokens(0, 42)
@@ -135,7 +137,9 @@ def test_lwf_vr_virtual_vocabulary_has_the_reference_shape_and_is_seeded_per_tas
     assert body.unique().numel() > 5000  # 10,000 draws from 49,408 ids: not a constant or tiny range
     assert torch.equal(t, tokens(0, 42)), "deterministic for a seed"
     assert not torch.equal(t, tokens(1, 42)), "differs between seeds"
-    assert not torch.equal(t, tokens(0, 43)), "drawn anew for another task (the runner's per-task data seed)"
+    assert torch.equal(body, torch.randint(0, 49408, (1000, 10), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(t, tokens(0, 43)), "the same sentences for the next task (the runner's data seed + 1)"
+    assert not torch.equal(tokens(0, 42, per_task=True), tokens(0, 43, per_task=True)), "the option: per-task draws"
 
 
 # -- iCaRL: herding and the memory rules ----------------------------------------------------------

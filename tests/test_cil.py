@@ -60,6 +60,20 @@ def test_tinyimagenet_missing_layout_names_it(tmp_path):
         build_dataset("TinyImageNet", tmp_path, "test")
 
 
+def test_tinyimagenet_train_lists_classes_in_wnids_txt_order(tmp_path):
+    """The reference's loader (continuum) walks wnids.txt's order, so iCaRL's first-10,000 candidates of a
+    step are the first classes in that order; sorted folder names would give other classes."""
+    from zscl.datasets.tinyimagenet import wnids
+
+    ids = wnids()
+    assert ids[:3] == ["n02124075", "n04067472", "n04540053"]  # the official wnids.txt's first rows
+    classes = [2, 0, 1, 5]  # sorted by folder name: 5 (n01641577) first
+    assert sorted(classes, key=lambda c: ids[c]) != sorted(classes)
+    make_fake_dataset("TinyImageNet", tmp_path, classes=classes, per_class=2)
+    ds = build_dataset("TinyImageNet", tmp_path, "train")
+    assert dataset_labels(ds) == [0, 0, 1, 1, 2, 2, 5, 5]
+
+
 def test_view_remaps_labels_to_its_class_list(tmp_path):
     fake = make_fake_dataset("CIFAR100", tmp_path, classes=[3, 7, 11, 50], per_class=2)
     name = register_view(DatasetView("CIFAR100", (50, 3), templates=("a bad photo of a {c}.",)))
@@ -142,6 +156,18 @@ def test_cil_seen_class_evaluation_matches_a_hand_built_expectation(cil_run):
     assert res["metrics"]["avg"] == pytest.approx(sum(res["accuracy"]) / 3)
     assert res["metrics"]["last"] == res["accuracy"][2]
     assert len(res["zero_shot"]) == 3 and res["metrics"]["zero_shot_avg"] == pytest.approx(sum(res["zero_shot"]) / 3)
+
+
+@pytest.mark.slow
+def test_cil_step_runs_len_loader_plus_one_iterations_as_the_reference(cil_run):
+    """The reference loops len(loader) + 1 times per step: ceil(images / batch) + 1. Steps of 40, 30 and 30
+    classes with one image each, batch 16: 3 + 1, 2 + 1, 2 + 1. A step shorter than the warm-up keeps its last
+    iteration a real update: CIFAR100 in 50 steps (1000 images, batch 64) runs 17, the 17th at 17/30 of the lr."""
+    from zscl.methods.losses import cosine_warmup_factor
+
+    _, _, runner, _ = cil_run
+    assert [t["steps"] for t in runner.cfg.benchmark.tasks] == [4, 3, 3]
+    assert cosine_warmup_factor(16, 17, 30) == 17 / 30
 
 
 @pytest.mark.slow
@@ -278,3 +304,50 @@ def test_moe_adapters_in_cil_records_per_class_accuracies(tmp_path):
         seen = set(CIFAR100_ORDER[:end])
         assert set(per_class) <= {0.0, 100.0} and res["n_test"][t] == sum(1 for y in fake.labels["test"] if y in seen)
         assert res["accuracy"][t] == pytest.approx(sum(per_class) / end)
+
+
+def _resolved(*argv: str) -> dict:
+    """The configuration a `zscl sequence` run records in results.json ("config"), without running it."""
+    from zscl.runner.build import parse_run
+
+    parser, cfg = parse_run([*argv, "--out", "unused"])  # the model schema of the method's model_class
+    return json.loads(parser.dump(cfg, format="json", skip_none=False))
+
+
+@pytest.mark.parametrize("bench, batch", [("cil_cifar100_10", 128), ("cil_cifar100_20", 128), ("cil_cifar100_50", 64),
+                                          ("cil_tinyimagenet_5", 64), ("cil_tinyimagenet_10", 64),
+                                          ("cil_tinyimagenet_20", 64)])
+def test_moe_adapters_on_cil_resolves_to_the_reference_cil_recipe(bench, batch):
+    """MoE-Adapters4CL's cil/ set-up, written out here: 2 experts, top-2, one shared router, no activate-freeze,
+    no DDAS, lr 1e-3, label smoothing 0, batch 128 (CIFAR100, 10 and 20 steps) or 64."""
+    from zscl.evaluation.compare import load_published, published_row, recipe_mismatches
+
+    cfg = _resolved("--config", f"benchmark/{bench}", "--config", "method/moe_adapters")
+    model = cfg["model"]
+    assert (model["lr"], model["label_smoothing"], cfg["data"]["batch_size"]) == (1e-3, 0.0, batch)
+    moe = model["moe"]
+    assert (moe["num_experts"], moe["top_k"], moe["freeze_top"], moe["shared_router"]) == (2, 2, 0, True)
+    assert model["ddas"]["enabled"] is False and moe["eval_gate_noise"] is True
+    entry = published_row(load_published(bench), "moe_adapters")
+    assert entry is not None and recipe_mismatches(entry, cfg) == []
+    later = _resolved("--config", f"benchmark/{bench}", "--config", "method/moe_adapters", "--model.lr", "7.1e-6")
+    assert recipe_mismatches(entry, later) == ["model.lr = 7.1e-06 (published: 0.001)"], "a later key still wins"
+
+
+def test_compare_pairs_the_published_moe_cil_row_only_with_runs_of_its_recipe(tmp_path):
+    from zscl.evaluation.compare import compare
+
+    recipe = _resolved("--config", "benchmark/cil_cifar100_10", "--config", "method/moe_adapters")
+    mtil_recipe = _resolved("--config", "benchmark/cil_cifar100_10", "--config", "method/moe_adapters",
+                            "--model.moe.num_experts", "22", "--model.moe.shared_router", "false")
+    base = {"setting": "cil", "benchmark": "cil_cifar100_10", "method": "moe_adapters", "accuracy": [90.0, 80.0],
+            "seen_classes": [[0], [0, 1]], "step_classes": [[0], [1]]}
+    for name, config in (("good", recipe), ("bad", mtil_recipe), ("none", None)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**base, "config": config}))
+    _, _, tables = compare([str(tmp_path / "good.json")])
+    assert tables[0].rows[0][3:6] == ["MoE-Adapters", 85.21, 77.52] and not tables[0].notes
+    for name in ("bad", "none"):
+        _, _, tables = compare([str(tmp_path / f"{name}.json")])
+        assert tables[0].rows[0][3:] == [None] * 5, f"{name}: a run of another recipe must stand alone"
+        assert "not paired with the published MoE-Adapters row" in tables[0].render("md")
+    assert "model.moe.num_experts = 22 (published: 2)" in compare([str(tmp_path / "bad.json")])[2][0].notes[0]

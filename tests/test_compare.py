@@ -119,3 +119,22 @@ def test_compare_labels_name_the_runs_in_order(paper_runs, capsys):
     assert compare_main([str(runs[0]), str(runs[-1]), "--label", "mine", "theirs", "--format", "csv"]) == 0
     rows = rows_by_method(capsys.readouterr().out)
     assert {"mine", "theirs"} <= set(rows) and rows["mine"]["paper row"] == ""  # a label the paper does not know
+
+
+def test_order2_icarl_row_is_footnoted_wherever_it_is_shown(tmp_path, capsys):
+    """The published order-II iCaRL matrix is at chance after Aircraft (its row 7, read here from the file)."""
+    pub = paper("mtil_order2")
+    icarl = next(e for e in pub["results"] if e["config"] == "icarl")
+    after_aircraft = icarl["accuracy"][icarl["datasets"].index("Aircraft")]
+    assert max(after_aircraft) < 11, "every dataset at about chance (MNIST and EuroSAT: 10 classes)"
+    assert compare_main(["--published", "mtil_order2"]) == 0
+    assert "Note: iCaRL: in the published matrix the row after Aircraft" in capsys.readouterr().out
+    zero = [pub["zero_shot_clip"][d] for d in pub["datasets"]]
+    for config in ("icarl", "lwf"):
+        write_run(tmp_path / config, "mtil_order2", config, icarl["datasets"], icarl["accuracy"], zero)
+    assert compare_main([str(tmp_path / "lwf")]) == 0
+    assert "Note:" not in capsys.readouterr().out, "no iCaRL row shown: no footnote"
+    assert compare_main([str(tmp_path / "icarl"), "--format", "latex"]) == 0
+    assert "% Note: iCaRL:" in capsys.readouterr().out
+    assert compare_main(["--published", "mtil_order1"]) == 0
+    assert "Note: iCaRL" not in capsys.readouterr().out, "order I's iCaRL row is sound"

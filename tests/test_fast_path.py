@@ -135,6 +135,44 @@ def test_module_step_matches_plain_fp32_step(method, train_mode, text_mode, fold
         assert not any(n.startswith("transformer.") for n in grads)
 
 
+class CaptureMicroBatches(Capture):
+    """With gradient accumulation: both micro-batches of the first optimizer step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.batches = getattr(self, "batches", []) + [batch]
+            if batch_idx == 0:
+                self.student = copy.deepcopy(pl_module.clip)
+
+
+def test_folded_wc_under_gradient_accumulation_matches_the_mean_loss_gradient():
+    """accumulate_grad_batches = 2: the step's gradient is that of mean_b (L_b + λ‖p − a‖²), in plain fp32
+    autograd (λ = 1). Adding the folded WC term at full strength on every micro-batch would double it."""
+    from zscl.methods.config import Speed
+
+    torch.manual_seed(0)
+    module = build_module(MODEL, "zscl", compile="off", speed=Speed(compile=False, fold_weight_constraint=True))
+    perturb_(module.clip)
+    teacher = copy.deepcopy(module.teacher)
+    data = RandomBatches(module.bundle.image_size, batch=4, ref_batch=3, classes=5, ref_texts=6, seed=3)
+    capture = CaptureMicroBatches()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=1, accumulate_grad_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[capture])
+    trainer.fit(module, datamodule=data)
+    assert len(capture.batches) == 2
+    grads = []
+    for batch in capture.batches:
+        _, g = plain_step(copy.deepcopy(capture.student), teacher, module.bundle.tokenizer, data.spec.prompts(),
+                          data.reference_tokens(module.bundle.tokenizer), batch, train_mode="whole", text_mode="coded")
+        grads.append(g)
+    assert set(capture.grads) == set(grads[0])
+    for name in grads[0]:
+        expect = (grads[0][name] + grads[1][name]) / 2
+        tol = 1e-5 * expect.abs().max().item()
+        torch.testing.assert_close(capture.grads[name], expect, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_teacher_is_frozen_and_outside_the_module():
     torch.manual_seed(0)
     module = build_module(MODEL, "zscl", compile="off")
@@ -317,3 +355,51 @@ def test_compiled_zscl_steps_give_the_eager_losses_on_cpu():
     # fp32 with fused kernels: reassociated sums differ from eager by a few ulps per op.
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
     assert not torch.equal(losses[False][0], losses[False][2]), "the steps trained"
+
+
+def test_ref_wise_teacher_is_the_initial_clip_blended_with_the_task_start_weights(tmp_path):
+    """method/ref_wise (the reference's --ref-wise): teacher = 0.2·θ0 + 0.8·θ_start, written out here."""
+    from zscl.models import load_clip, save_state_dict
+
+    torch.manual_seed(0)
+    initial = load_clip(MODEL).model
+    save_state_dict(initial.state_dict(), tmp_path / "initial.safetensors")
+    start = copy.deepcopy(initial)
+    perturb_(start)
+    save_state_dict(start.state_dict(), tmp_path / "start.safetensors")
+    module = build_module(MODEL, "ref_wise", compile="off", pretrained=str(tmp_path / "initial.safetensors"),
+                          init_from=str(tmp_path / "start.safetensors"))
+    theta0, theta1 = dict(initial.named_parameters()), dict(start.named_parameters())
+    for name, p in module.teacher.named_parameters():
+        torch.testing.assert_close(p, 0.2 * theta0[name] + 0.8 * theta1[name], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(p, theta1[n]) for n, p in module.clip.named_parameters()), "the student starts at θ_start"
+
+
+def test_feature_mse_step_is_ce_plus_the_mse_of_normalised_reference_features():
+    """method/feature_mse: L = CE + mean((f_student(ref) − f_teacher(ref))²), gradients by plain autograd."""
+    torch.manual_seed(0)
+    module = build_module(MODEL, "feature_mse", compile="off")
+    perturb_(module.clip)
+    teacher = copy.deepcopy(module.teacher)
+    data = RandomBatches(module.bundle.image_size, batch=4, ref_batch=3, classes=5, ref_texts=6, seed=4)
+    capture = Capture()
+    make_trainer(torch.device("cpu"), "32-true", max_steps=2, callbacks=[capture]).fit(module, datamodule=data)
+    student = capture.student
+    for name, p in student.named_parameters():
+        p.requires_grad_(name != "logit_scale")
+    images, labels = capture.batch["task"]
+    ref = capture.batch["ref"]
+    scale = student.logit_scale.exp().detach()
+    f_task = F.normalize(student.encode_image(images), dim=-1)
+    g_class = F.normalize(student.encode_text(module.bundle.tokenizer(data.spec.prompts())), dim=-1)
+    loss = F.cross_entropy(scale * f_task @ g_class.t(), labels, label_smoothing=SMOOTHING)
+    with torch.no_grad():
+        f_teacher = F.normalize(teacher.encode_image(ref), dim=-1)
+    diff = F.normalize(student.encode_image(ref), dim=-1) - f_teacher
+    loss = loss + (diff**2).sum() / diff.numel()
+    loss.backward()
+    torch.testing.assert_close(capture.loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in student.named_parameters():
+        if p.grad is not None:
+            tol = 1e-5 * p.grad.abs().max().item()
+            torch.testing.assert_close(capture.grads[name], p.grad, rtol=1e-5, atol=tol, msg=lambda m: f"{name}: {m}")

@@ -131,3 +131,35 @@ def test_synthetic_fewshot_completes_and_resumes_after_sigkill_on_the_same_image
     for path in sorted((tmp_path / "a" / "fewshot").glob("*.json")):
         assert json.loads((tmp_path / "b" / "fewshot" / path.name).read_text()) == json.loads(path.read_text())
     _same_run(tmp_path / "a", tmp_path / "b", ("accuracy", "top5", "zero_shot"))
+
+
+@pytest.mark.slow
+def test_few_shot_draw_uses_the_few_shot_seed_not_the_data_or_global_seed(world, tmp_path):
+    """All three seeds default to 42; here they differ, and the stored shots must be the draw of
+    benchmark.few_shot.seed (the draw function called directly), and not that of data.seed or seed_everything."""
+    from zscl.datasets import build_dataset, dataset_labels
+
+    argv = _argv(world, "synthetic_fewshot", "finetune", tmp_path / "run", 1, "--benchmark.tasks", "[{dataset: SynthShape}]",
+                 "--benchmark.few_shot.seed", "7", "--data.seed", "3", "--seed_everything", "5")
+    res = _run_here(argv)
+    assert res["few_shot"] == {"shots": 5, "seed": 7}
+    stored = json.loads((tmp_path / "run" / "fewshot" / "00-SynthShape.json").read_text())
+    labels = dataset_labels(build_dataset("SynthShape", world, "train"))
+    assert stored["seed"] == 7 and stored["indices"] == few_shot_indices(labels, 5, 7)
+    assert all(few_shot_indices(labels, 5, s) != stored["indices"] for s in (3, 5, 42)), "the seeds must draw apart"
+
+
+def test_documented_few_shot_moe_command_resolves_to_the_reference_recipe():
+    """`--config benchmark/mtil_order1_fewshot5_moe --config method/moe_adapters`: MoE-Adapters' few-shot
+    script (5 shots, seed 42, 500 iterations, these per-task adapter rates, written out here)."""
+    from zscl.cli.sequence import build_parser
+    from zscl.runner.configs import resolve_config_args, with_method_overrides
+
+    args = with_method_overrides(resolve_config_args(["--config", "benchmark/mtil_order1_fewshot5_moe", "--config",
+                                                      "method/moe_adapters", "--out", "unused"]))
+    parser = build_parser(args)
+    cfg = json.loads(parser.dump(parser.parse_args(args), format="json", skip_none=False))
+    rates = {"Aircraft": 8e-3, "Caltech101": 5e-4, "CIFAR100": 2e-4, "DTD": 5e-3, "EuroSAT": 1e-3, "Flowers": 1e-3,
+             "Food": 1e-2, "MNIST": 1e-4, "OxfordPet": 1e-2, "StanfordCars": 1e-2, "SUN397": 1e-2}
+    assert cfg["model_class"] == "moe_adapters" and cfg["benchmark"]["few_shot"] == {"shots": 5, "seed": 42}
+    assert [(t["dataset"], t["lr"], t["steps"]) for t in cfg["benchmark"]["tasks"]] == [(d, r, 500) for d, r in rates.items()]

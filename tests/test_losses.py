@@ -58,3 +58,29 @@ def test_schedule_matches_the_reference_formula():
     assert cosine_warmup_factor(100, steps, warmup) == pytest.approx(1.0)
     assert cosine_warmup_factor(550, steps, warmup) == pytest.approx(0.5)
     assert cosine_warmup_factor(1000, steps, warmup) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_mse_is_the_mean_squared_difference_of_normalised_features():
+    s, t = F.normalize(torch.randn(4, 6), dim=-1), F.normalize(torch.randn(4, 6), dim=-1)
+    by_hand = sum((s[i, d] - t[i, d]) ** 2 for i in range(4) for d in range(6)) / 24
+    from zscl.methods.losses import feature_mse
+
+    assert feature_mse(s, t).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert feature_mse(t, t).item() == 0.0
+
+
+def test_image_image_kd_compares_each_image_with_the_other_images_only():
+    """Row i: softmax over j != i of s <f_i, f_j> / T (the own entry at -1e4 has weight 0), KD times T^2."""
+    from zscl.methods.losses import image_image_kd
+
+    g = torch.Generator().manual_seed(0)
+    fs, ft = (F.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(2))
+    scale, temp = torch.tensor(100.0), 2.0
+    total = 0.0
+    for i in range(5):
+        others = [j for j in range(5) if j != i]
+        t = torch.softmax(torch.stack([scale * ft[i] @ ft[j] for j in others]) / temp, dim=0)
+        log_u = torch.log_softmax(torch.stack([scale * fs[i] @ fs[j] for j in others]) / temp, dim=0)
+        total += -(t * log_u).sum()
+    by_hand = total / 5 * temp**2
+    assert image_image_kd(fs, ft, scale, temp).item() == pytest.approx(by_hand.item(), rel=1e-5)

@@ -358,3 +358,12 @@ def test_sampled_fisher_approaches_the_true_fisher():
     g = torch.eye(3) - p  # row y: ∂ log p_y / ∂ logits
     true_bias = (p[:, None] * g.square()).sum(0)  # E_{y~p}[(e_y − p)²]
     torch.testing.assert_close(fisher["bias"], true_bias, rtol=0.1, atol=1e-3)
+
+
+def test_wise_last_is_the_wise_blend_of_the_last_model_with_the_base():
+    """Eval-time WiSE (the reference's --wise-ft --alpha): (1−α)θ0 + αθ_t, θ_t the latest model, by hand."""
+    base = make_state(0)
+    models = [make_state(s) for s in (1, 2, 3)]
+    out = merge("wise_last", base, models, alpha=0.3)
+    for k in ("layer.weight", "layer.bias"):
+        torch.testing.assert_close(out[k], 0.7 * base[k] + 0.3 * models[-1][k], rtol=1e-6, atol=1e-6)

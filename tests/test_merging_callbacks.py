@@ -92,7 +92,7 @@ def assert_buffers_untouched(module: TinyModule, steps: int, mask: torch.Tensor)
 
 
 def test_registry_names():
-    assert set(AVERAGING_CALLBACKS.names()) == {"we", "ema", "checkpoint_avg", "wise"}
+    assert set(AVERAGING_CALLBACKS.names()) == {"we", "ema", "checkpoint_avg", "wise", "we_wise", "moving_avg"}
     assert AVERAGING_CALLBACKS.get("we") is UniformAveraging
 
 
@@ -121,6 +121,50 @@ def test_ema_closed_form():
     expected = {k: beta**2 * r[0][k] + (1 - beta) * (beta * r[2][k] + r[4][k]) for k in r[0]}
     assert_params(module, expected)
     assert_buffers_untouched(module, 5, mask)
+
+
+def test_we_wise_blends_every_member_with_the_task_start_weights():
+    """The reference's wise_we: when θ joins (n members so far), avg ← α (n avg + θ)/(n+1) + (1−α) θ_start."""
+    from zscl.merging.callbacks import WeWiSE
+
+    module = TinyModule()
+    alpha = 0.9
+    fit(module, [WeWiSE(every=2, alpha=alpha)], 4)
+    r, start = module.recorded, module.task_start
+    avg, n = dict(start), 1
+    for member in (r[1], r[3], r[4]):  # after iterations 0 and 2, and the final weights (4 % 2 == 0)
+        avg = {k: alpha * (n * avg[k] + member[k]) / (n + 1) + (1 - alpha) * start[k] for k in avg}
+        n += 1
+    assert_params(module, avg)
+
+
+class BeforePull(pl.Callback):
+    """The student's weights after each optimizer step, before a later callback changes them."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.clip.named_parameters()}
+
+
+@pytest.mark.parametrize("toward", ["task_start", "initial", "previous"])
+def test_moving_avg_pulls_the_student_toward_its_target(toward):
+    """The reference's --moving_avg (every 2, decay d): θ ← d θ + (1−d) θ_target after iteration 0 (global step 1)
+    and at the end (2 % 2 == 0); the target is θ_start, θ_initial, or (previous) the weights before the last pull."""
+    from zscl.merging.callbacks import MovingAverage
+
+    module = TinyModule()
+    d = 0.7
+    before = BeforePull()
+    fit(module, [before, MovingAverage(decay=d, every=2, toward=toward)], 2)
+    pre1, pre2 = before.weights[1], before.weights[2]
+    first = module.initial if toward == "initial" else module.task_start
+    second = pre1 if toward == "previous" else first
+    pulled1 = {k: d * pre1[k] + (1 - d) * first[k] for k in pre1}
+    for k, v in module.recorded[1].items():  # the module's hook runs after the callbacks
+        torch.testing.assert_close(v, pulled1[k], rtol=1e-5, atol=1e-6)
+    assert_params(module, {k: d * pre2[k] + (1 - d) * second[k] for k in pre2})
 
 
 @pytest.mark.parametrize(("alpha", "reference"), [(0.0, "initial"), (1.0, "initial"), (0.25, "task_start")])
@@ -179,3 +223,21 @@ def test_resume_mid_task_is_bit_identical(tmp_path):
     assert sorted(resumed.recorded) == [0, 4, 5, 6]  # it really resumed at step 3
     _assert_same(_states(cbs_straight), _states(cbs_resumed))
     assert_params(resumed, {n: p.detach() for n, p in straight.clip.named_parameters()}, exact=True)
+
+
+def test_ablation_method_configs_resolve_to_their_parts():
+    """method/we_wise, method/moving_avg: the reference's defaults (alpha 0.98; decay 0.999 toward the task start,
+    every 100); method/wise_eval: sequential training, the wise_last merge with alpha 0.5 evaluated and exported."""
+    from zscl.bench.step import build_module
+    from zscl.cli.sequence import build_parser
+    from zscl.merging.callbacks import MovingAverage, WeWiSE
+    from zscl.runner.configs import resolve_config_args
+
+    cbs = {m: [c for c in build_module("zscl-tiny-vit", m, compile="off").configure_callbacks()
+               if isinstance(c, (WeWiSE, MovingAverage))] for m in ("we_wise", "moving_avg")}
+    (we,), (mv,) = cbs["we_wise"], cbs["moving_avg"]
+    assert (type(we), we.every, we.alpha) == (WeWiSE, 100, 0.98)
+    assert (type(mv), mv.every, mv.decay, mv.toward) == (MovingAverage, 100, 0.999, "task_start")
+    args = resolve_config_args(["--config", "benchmark/synthetic", "--config", "method/wise_eval", "--out", "unused"])
+    cfg = build_parser(args).parse_args(args)
+    assert (cfg.continual.init, cfg.continual.merge, cfg.continual.hparams) == ("sequential", "wise_last", {"alpha": 0.5})

@@ -366,6 +366,29 @@ def test_save_state_dict_format(src, tmp_path):
     assert_same_model(open_clip.create_model(VIT, pretrained=str(good)).eval(), src)  # open_clip reads it
 
 
+
+def test_save_state_dict_bytes_do_not_depend_on_metadata_order(tmp_path):
+    """Equal tensors and equal metadata give byte-identical files, whatever the dict's insertion order.
+
+    safetensors itself writes metadata in a per-process hash order; the header must list the keys sorted.
+    """
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    meta = {f"k{i}": f"v{i}" for i in range(8)} | {"hparams": '{"x": "é"}', "nl": "a\nb"}
+    orders = [dict(meta), dict(reversed(meta.items())), dict(sorted(meta.items(), key=lambda kv: kv[1]))]
+    paths = []
+    for i, order in enumerate(orders * 2):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_state_dict(state, paths[-1], metadata=order)
+    blobs = {p.read_bytes() for p in paths}
+    assert len(blobs) == 1, "equal weights and metadata must give equal bytes"
+    blob = blobs.pop()
+    size = int.from_bytes(blob[:8], "little")
+    header = blob[8 : 8 + size].decode("utf-8")
+    assert size % 8 == 0 and header.startswith('{"__metadata__":{"hparams":"{\\"x\\": \\"é\\"}","k0":"v0","k1":"v1"')
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert f.metadata() == meta
+        assert torch.equal(f.get_tensor("b"), state["b"]) and torch.equal(f.get_tensor("a"), state["a"])
+
 # --- trainable parts --------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zscl.models import load_clip
-from zscl.moe.adapters import BlockExperts, MoEAdapters, MoEConfig
+from zscl.moe.adapters import BlockExperts, MoEAdapters, MoEConfig, most_used
 from zscl.moe.ddas import AutoEncoderBank, DDASConfig, clip_features, select_routes
 
 
@@ -95,6 +95,17 @@ def test_activate_freeze_picks_the_most_used_experts_per_block():
     assert not moe.blocks[2].frozen.any(), "a block that routed nothing freezes nothing"
     assert int(moe.blocks[0].usage.sum()) == 0, "usage restarts for the next task"
 
+
+
+def test_activate_freeze_breaks_ties_toward_the_lower_expert_index():
+    """Tied counts: the lower index wins (torch.topk picks experts 3 and 5 of these four 12s on CPU)."""
+    counts = [3, 7, 12, 12, 0, 12, 12, 5]
+    assert most_used(torch.tensor(counts), 2).tolist() == [2, 3]
+    assert most_used(torch.tensor([12] * 22), 3).tolist() == [0, 1, 2]
+    moe = MoEAdapters(load_clip("zscl-tiny-vit", None).model, MoEConfig(num_experts=8, freeze_top=3), num_tasks=1)
+    moe.blocks[0].usage.copy_(torch.tensor(counts))
+    moe.freeze_most_used()
+    assert moe.blocks[0].frozen.nonzero().flatten().tolist() == [2, 3, 5]
 
 # ---------------------------------------------------------------------------- the module, trained in-process
 def _module(**kw):
@@ -196,6 +207,57 @@ def test_routes_follow_the_autoencoders_and_untrained_tasks_never_take_part(firs
     assert select_routes(errors, torch.tensor([0.4, 0.4])).tolist() == [0, 1, -1]
     assert select_routes(errors, torch.tensor([0.6, 0.6]), "batch").tolist() == [1, 1, 1]  # means 0.5, 0.43
 
+
+
+def test_cil_recipe_one_shared_router_no_ddas_no_freeze(tmp_path):
+    """The reference's cil/ set-up: router 0 trains and routes every image at every step, no autoencoder
+    trains, no expert is frozen, and the next step continues router 0 from the export."""
+    cil = {"moe": {"num_experts": 2, "top_k": 2, "freeze_top": 0, "shared_router": True}, "ddas": {"enabled": False}}
+    torch.manual_seed(0)
+    from zscl.moe.module import MoEAdapterCLIP
+
+    first = MoEAdapterCLIP(clip="zscl-tiny-vit", pretrained=None, lr=1e-2, warmup_steps=1, **cil)
+    trainable = {n for n, p in first.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("ddas.") for n in trainable), "no DDAS: no autoencoder trains"
+    assert all(n.endswith(".routers.0") for n in trainable if ".routers." in n)
+    _fit(first, steps=2)
+    assert len(first.trainer.optimizers[0].param_groups) == 1
+    assert not any(b.frozen.any() for b in first.moe.blocks), "no activate-freeze"
+    path = tmp_path / "00-Step.safetensors"
+    first.export_weights(str(path))
+    nxt = MoEAdapterCLIP(clip="zscl-tiny-vit", pretrained=None, init_from=str(path), lr=1e-2, warmup_steps=1, **cil)
+    assert nxt.task == 1 and nxt.route == 0 and len(nxt.moe.blocks[0].routers) == 1
+    assert nxt.moe.blocks[0].routers[0].requires_grad, "the shared router keeps training"
+    assert torch.equal(nxt.moe.blocks[0].routers[0], first.moe.blocks[0].routers[0])
+    assert nxt.routes_for(torch.randn(3, 3, 32, 32)).tolist() == [0, 0, 0], "every image: the shared router"
+
+
+def test_eval_gate_noise_is_off_by_default_and_seeded_when_on():
+    """Off: evaluation gates are softmax(top-k(x0 W)). On (the reference's cil/ quirk): noisy, and equal for
+    equal seeds, so an evaluation is reproducible."""
+    clip = load_clip("zscl-tiny-vit", None).model
+    moe = MoEAdapters(clip, MoEConfig(num_experts=4), num_tasks=1)
+    block = moe.blocks[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        block.routers[0].normal_()
+        block.noise[0].normal_()
+        block.up_weight.normal_()
+    moe.eval()
+    x0 = torch.randn(3, block.routers[0].shape[0])
+    expect = torch.softmax((x0 @ block.routers[0]).topk(2, dim=1).values, dim=1)
+    image = torch.randn(3, 3, 32, 32)
+    with moe.routing(0), torch.no_grad():
+        clean = clip.encode_image(image)
+        assert torch.allclose(block.gates(x0, 0, False, None)[1], expect)
+        moe.cfg.eval_gate_noise = True
+        runs = []
+        for seed in (5, 5, 6):
+            moe.seed_step(seed, torch.device("cpu"))
+            runs.append(clip.encode_image(image))
+        moe.cfg.eval_gate_noise = False
+        assert torch.equal(clip.encode_image(image), clean)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], clean)
 
 # ---------------------------------------------------------------------------- DDAS on the synthetic world
 def test_ddas_routes_trained_tasks_to_their_router_and_new_tasks_to_zero_shot(one_thread):

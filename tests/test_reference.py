@@ -72,6 +72,37 @@ def test_dataset_source_drops_labels_and_limit_applies(pool):
     assert len(ds) == 2 and isinstance(ds[0], torch.Tensor) and ds[0].shape == (3, 6, 6)
 
 
+def test_class_subset_keeps_the_first_classes_and_their_first_images(pool):
+    """The reference's ImageNetSM: labels < N, the first K images of each in the pool's order."""
+    for c, name in enumerate("abc"):
+        (pool / "three" / "train" / name).mkdir(parents=True)
+        (pool / "three" / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            png(10 * c + i).save(pool / "three" / "train" / name / f"{i}.png")
+            png(0).save(pool / "three" / "test" / name / f"{i}.png")
+    register_custom(CustomDataset(name="RefThree", kind="imagefolder", path="three", classnames=["a", "b", "c"]),
+                    data_root=pool)
+    cfg = ReferenceImages(source="dataset", path="RefThree", first_classes=2, per_class=2)
+    ds = reference_image_dataset(cfg, pool, to_tensor)
+    assert [int(ds[i][0, 0, 0]) for i in range(len(ds))] == [0, 1, 10, 11]  # a/0, a/1, b/0, b/1
+    ds = reference_image_dataset(ReferenceImages(source="dataset", path="RefThree", per_class=1), pool, to_tensor)
+    assert [int(ds[i][0, 0, 0]) for i in range(len(ds))] == [0, 10, 20]
+
+
+def test_limit_is_the_reference_seeded_random_subset_not_a_sorted_prefix(pool):
+    """ImageNetSUB keeps random_split(pool, [N, rest], generator=manual_seed(seed))[0]; same draw on every call."""
+    full = reference_image_dataset(ReferenceImages(source="folder", path="imgs"), pool, to_tensor)
+    values = [int(full[i][0, 0, 0]) for i in range(6)]
+    for seed in (42, 7):
+        cfg = ReferenceImages(source="folder", path="imgs", limit=4, limit_seed=seed)
+        picked = torch.utils.data.random_split(range(6), [4, 2], generator=torch.Generator().manual_seed(seed))[0]
+        expect = [values[i] for i in picked.indices]
+        for _ in range(2):  # a resumed run (or another rank) builds the pool again: the same subset
+            ds = reference_image_dataset(cfg, pool, to_tensor)
+            assert [int(ds[i][0, 0, 0]) for i in range(4)] == expect
+        assert expect != values[:4], f"seed {seed}'s draw happens to be the sorted prefix: pick another size"
+
+
 def test_missing_reference_images_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         reference_image_dataset(ReferenceImages(source="folder", path="nope"), tmp_path, None)
@@ -140,3 +171,33 @@ def test_reference_cache_returns_the_same_images_and_is_reused(pool, tmp_path):
     mtimes = [f.stat().st_mtime_ns for f in files]
     reference_image_dataset(cfg, pool, PILToTensor(), cache_dir=tmp_path / "c")
     assert [f.stat().st_mtime_ns for f in files] == mtimes, "a second use must read the cache, not rebuild it"
+
+
+def test_ref_classes_method_config_resolves_to_the_imagenet_class_subset():
+    from zscl.cli.sequence import build_parser
+    from zscl.runner.configs import resolve_config_args
+
+    args = resolve_config_args(["--config", "benchmark/mtil_order1", "--config", "method/ref_classes", "--out", "unused"])
+    ref = build_parser(args).parse_args(args).data.reference_images
+    assert (ref.source, ref.path, ref.split, ref.first_classes, ref.per_class) == ("dataset", "ImageNet", "train", 64, 100)
+
+
+def test_classnames_so_far_accumulate_the_prompts_of_the_tasks_trained_so_far():
+    """Task k's reference texts: the class prompts of tasks 0..k, in task order (the reference's growing
+    --text-datasets lists); method/texts_so_far carries MTIL order I."""
+    from zscl.datasets import get_dataset
+    from zscl.reference.texts import for_task
+
+    order = ["DTD", "MNIST", "EuroSAT"]
+    cfg = ReferenceTexts(source="classnames_so_far", datasets=order)
+    for k, name in enumerate(order):
+        texts = reference_texts(for_task(cfg, name, 42), ".")
+        assert texts == [p for d in order[: k + 1] for p in get_dataset(d).prompts()]
+    with pytest.raises(ValueError, match="lacks the task 'Food'"):
+        for_task(cfg, "Food", 42)
+    import yaml
+
+    from zscl.resources import configs_dir
+
+    method = yaml.safe_load((configs_dir() / "method" / "texts_so_far.yaml").read_text())
+    assert method["data"]["reference_texts"]["datasets"][:3] == ["Aircraft", "Caltech101", "CIFAR100"]

@@ -160,6 +160,9 @@ def assert_same_run(a: Path, b: Path) -> None:
         x = load_file(str(a / "checkpoints" / f"{name}.safetensors"))
         y = load_file(str(b / "checkpoints" / f"{name}.safetensors"))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y), f"{name}: weights must be bit-identical"
+        # Equal weights must give equal files (hashes): safetensors' metadata order is per process.
+        same = (a / "checkpoints" / f"{name}.safetensors").read_bytes() == (b / "checkpoints" / f"{name}.safetensors").read_bytes()
+        assert same, f"{name}: the exports hold equal tensors but differ in bytes"
 
 
 def test_sigkill_mid_task_then_rerun_reproduces_the_uninterrupted_run(world, reference_run):

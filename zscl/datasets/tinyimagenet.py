@@ -9,9 +9,14 @@ Layout (the official zip, unpacked)::
 ``train`` is the train folder and ``test`` the labelled val folder (the official test split has no
 labels). Label ``i`` is the ``i``-th WordNet id of ``data/wnids/TinyImageNet.json`` -- the order of
 the reference's class-name list (``cil/dataset_reqs/tinyimagenet_classes.txt``) -- and its name is
-``data/classnames/TinyImageNet.json[i]``. Images are labelled through their WordNet id, so the order
-of folders on disk never matters. (Whether the reference's ``continuum`` loader numbers classes in the
-same order could not be checked here; the class order file indexes these labels.)
+``data/classnames/TinyImageNet.json[i]``. That list equals the official ``wnids.txt`` row by row, and
+``continuum`` (v1.1.8 on, the version a ZSCL install gets) numbers TinyImageNet's classes in that same
+``wnids.txt`` order (not sorted), so label ``i`` here is label ``i`` in the reference and the class order
+file (``data/class_orders/TinyImageNet.json``, the reference's YAML) indexes the same classes.
+
+The train split lists its images class by class in that label order (file names sorted within a
+class), as the reference's loader does: the first N images of a class-incremental step, from which
+iCaRL herds its exemplars (``candidates``: 10,000 in CIL), are then the reference's first N.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def _train(base: Path, lookup: dict[str, int]) -> tuple[list[str], list[int]]:
     if unknown:
         raise ValueError(f"{folder}: class folder(s) {unknown[:5]} are not TinyImageNet WordNet ids")
     paths, labels = [], []
-    for wnid in found:
+    for wnid in sorted(found, key=lookup.__getitem__):  # wnids.txt (label) order, not sorted folder names
         images = folder / wnid / "images"
         require_paths(images)
         files = _images(images)

@@ -19,15 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from zscl.evaluation.incremental import CurveRun, check_curves_comparable, curve_published_rows, curve_run, curve_summary_rows
+from zscl.evaluation.incremental import (
+    CurveRun,
+    check_curves_comparable,
+    curve_pairing_notes,
+    curve_published_rows,
+    curve_run,
+    curve_summary_rows,
+)
 from zscl.evaluation.metrics import AccuracyMatrix, MatrixError, summarize
 from zscl.evaluation.published import (  # noqa: F401  (names of this module before the split)
     CompareError,
     Delta,
+    entry_notes,
     load_published,
     published_matrix,
     published_names,
     published_row,
+    recipe_mismatches,
 )
 from zscl.settings import result_kind, setting_of
 
@@ -107,6 +116,7 @@ class Table:
     header: list[str]
     rows: list[list[Any]]
     title: str = ""
+    notes: list[str] = field(default_factory=list)  # footnotes printed under the table
 
     def render(self, fmt: Format = "md") -> str:
         return {"md": _markdown, "csv": _csv, "latex": _latex}[fmt](self)
@@ -121,7 +131,8 @@ def _cell(x: Any) -> str:
 def _markdown(t: Table) -> str:
     lines = [f"**{t.title}**", ""] if t.title else []
     lines += ["| " + " | ".join(t.header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.header))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows])
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in t.notes] if t.notes else []))
 
 
 def _csv(t: Table) -> str:
@@ -129,7 +140,7 @@ def _csv(t: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(t.header)
     writer.writerows([["" if c is None else (round(c, 4) if isinstance(c, float) else c) for c in row] for row in t.rows])
-    return buf.getvalue().rstrip("\n")
+    return buf.getvalue().rstrip("\n") + "".join(f"\n# Note: {n}" for n in t.notes)
 
 
 def _latex(t: Table) -> str:
@@ -138,6 +149,7 @@ def _latex(t: Table) -> str:
              r"\midrule"]
     lines += [" & ".join(esc(_cell(c)).replace("–", "--") for c in row) + r" \\" for row in t.rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% Note: {n}" for n in t.notes]
     return ("% " + t.title + "\n" if t.title else "") + "\n".join(lines)
 
 
@@ -158,12 +170,14 @@ def summary_table(runs: Sequence[Run], published: Optional[dict[str, Any]] = Non
         pub = (published or {}).get("zero_shot_published")
         rows.append(["zero-shot", *_zero_shot_metrics(runs[0]), *_published_cells(pub, "Zero-shot", _zero_shot_metrics(runs[0]),
                                                                                   published, delta)])
+    notes: list[str] = []
     for run in runs:
         ours = [run.summary[k] for k, _ in METRICS]
         entry = published_row(published, run.label) if published is not None else None
         rows.append([run.label, *ours, *_published_cells(entry and entry["published"], entry and entry["method"], ours,
                                                          published, delta)])
-    return Table(header, rows, "Transfer / Avg / Last (%)")
+        notes += entry_notes(entry)
+    return Table(header, rows, "Transfer / Avg / Last (%)", notes)
 
 
 def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, published: Optional[dict], delta: bool) -> list:
@@ -179,6 +193,7 @@ def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, publi
 def published_table(published: dict[str, Any]) -> Table:
     """The paper's rows: Transfer / Avg / Last recomputed from its matrices, beside the printed ones."""
     rows: list[list[Any]] = []
+    notes = [n for entry in published["results"] for n in entry_notes(entry)]
     zs = published.get("zero_shot_published")
     if zs:
         rows.append(["Zero-shot", None, None, None, *(float(zs[k]) for k, _ in METRICS)])
@@ -187,7 +202,7 @@ def published_table(published: dict[str, Any]) -> Table:
         ours = [summarize(m)[k] for k, _ in METRICS] if m is not None else [None] * 3
         rows.append([entry["method"], *ours, *(float(entry["published"][k]) for k, _ in METRICS)])
     header = ["method", *(f"{t} (from matrix)" for _, t in METRICS), *(f"{t} (printed)" for _, t in METRICS)]
-    return Table(header, rows, f"published: {published.get('benchmark', '')}")
+    return Table(header, rows, f"published: {published.get('benchmark', '')}", notes)
 
 
 def per_dataset_tables(runs: Sequence[Run]) -> list[Table]:
@@ -285,6 +300,6 @@ def _curve_tables(runs: Sequence[CurveRun], table: Optional[dict[str, Any]]) -> 
         if dupes:
             raise CompareError(f"several runs are labelled {', '.join(map(repr, dupes))}; give each a distinct --label")
         header, rows = curve_summary_rows(runs, table)
-        return [Table(header, rows, "class-incremental Avg / Last (%)")]
+        return [Table(header, rows, "class-incremental Avg / Last (%)", curve_pairing_notes(runs, table))]
     header, rows = curve_published_rows(table)
     return [Table(header, rows, f"published: {table.get('benchmark', '')}")]

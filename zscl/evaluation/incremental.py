@@ -91,6 +91,7 @@ class CurveRun:
     summary: dict[str, Any] = field(init=False)
     path: Optional[Path] = None
     setting: str = "cil"
+    config: Optional[dict[str, Any]] = None  # the run's resolved configuration (results.json "config")
 
     def __post_init__(self) -> None:
         self.summary = summarize_cil(self.curve)
@@ -102,7 +103,7 @@ def curve_run(res: dict[str, Any], file: Path, label: str) -> CurveRun:
     if done != total or not total:
         raise ValueError(f"{file}: the run is incomplete ({done} of {total} steps); rerun its command to finish it")
     return CurveRun(label, str(res.get("benchmark", "custom")), IncrementalCurve.from_results(res),
-                  res["step_classes"], path=file, setting=str(res.get("setting") or "cil"))
+                    res["step_classes"], path=file, setting=str(res.get("setting") or "cil"), config=res.get("config"))
 
 
 def check_curves_comparable(runs: Sequence[CurveRun]) -> None:
@@ -130,11 +131,25 @@ def curve_summary_rows(runs: Sequence[CurveRun], published: Optional[dict[str, A
         ours = [run.summary[k] for k, _ in METRICS]
         row: list[Any] = [run.label, *ours]
         if published is not None:
-            entry = published_row(published, run.label)
+            entry = published_row(published, run.label, run.config, check_recipe=True)
             pub = [None if entry is None else _value(entry["published"].get(k)) for k, _ in METRICS]
             row += [entry and entry["method"], *pub, *(Delta(o - p) if p is not None else None for o, p in zip(ours, pub))]
         rows.append(row)
     return header, rows
+
+
+def curve_pairing_notes(runs: Sequence[CurveRun], published: Optional[dict[str, Any]]) -> list[str]:
+    """Why a run stands without the published row of its method: it does not use that row's recipe."""
+    from zscl.evaluation.published import published_row, recipe_mismatches
+
+    notes = []
+    for run in runs:
+        entry = published_row(published, run.label) if published is not None else None
+        wrong = recipe_mismatches(entry, run.config) if entry else []
+        if wrong:
+            notes.append(f"{run.label} is not paired with the published {entry['method']} row, whose recipe it does "
+                         f"not use: {'; '.join(wrong)} (run it with the benchmark's method overrides)")
+    return notes
 
 
 def curve_published_rows(published: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -180,3 +195,4 @@ def write_curve_plots(runs: Sequence[CurveRun], out: Path, title: str = "") -> l
 # names of these before settings became a registry (a curve of per-step accuracies is what CIL records)
 CilRun, cil_run, check_cil_comparable = CurveRun, curve_run, check_curves_comparable
 cil_summary_rows, cil_published_rows, write_cil_plots = curve_summary_rows, curve_published_rows, write_curve_plots
+cil_pairing_notes = curve_pairing_notes

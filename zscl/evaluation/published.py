@@ -33,13 +33,37 @@ def load_published(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def published_row(table: dict[str, Any], label: str) -> Optional[dict[str, Any]]:
-    """The published entry whose config name or method name matches ``label`` (case-insensitive)."""
+def published_row(table: dict[str, Any], label: str, config: Optional[dict[str, Any]] = None,
+                  check_recipe: bool = False) -> Optional[dict[str, Any]]:
+    """The published entry whose config name or method name matches ``label`` (case-insensitive).
+
+    With ``check_recipe``, an entry that names a ``recipe`` (dotted config keys -> values, e.g. MoE-Adapters'
+    own class-incremental set-up) matches only a run whose resolved ``config`` has every one of them.
+    """
     key = label.lower()
     for entry in table["results"]:
         if key in (str(entry.get("config", "")).lower(), str(entry["method"]).lower()):
+            if check_recipe and recipe_mismatches(entry, config):
+                return None
             return entry
     return None
+
+
+def recipe_mismatches(entry: dict[str, Any], config: Optional[dict[str, Any]]) -> list[str]:
+    """``key = ours (published: theirs)`` for every recipe key of ``entry`` the run's config does not share."""
+    out = []
+    for dotted, expected in (entry.get("recipe") or {}).items():
+        value: Any = config or {}
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != expected:
+            out.append(f"{dotted} = {value} (published: {expected})")
+    return out
+
+
+def entry_notes(entry: Optional[dict[str, Any]]) -> list[str]:
+    """A published entry's footnote (e.g. a row at chance), printed wherever the row is shown."""
+    return [f"{entry['method']}: {entry['note']}"] if entry and entry.get("note") else []
 
 
 def published_matrix(entry: dict[str, Any], table: dict[str, Any]) -> Optional[AccuracyMatrix]:

@@ -16,7 +16,7 @@ from zscl.merging.base import MERGE_RULES, MergeError, MergeRule, StateDict, mer
 from zscl.merging.fisher import estimate_fisher, zero_shot_logits_fn
 from zscl.merging.mwa import mwa_weights
 from zscl.merging.running import ema_update_, uniform_update_
-from zscl.merging.soups import average, greedy_soup, sparse_soup, wise
+from zscl.merging.soups import average, greedy_soup, sparse_soup, wise, wise_last
 from zscl.merging.task_arithmetic import generalized_task_arithmetic
 
 _CALLBACK_NAMES = ("AVERAGING_CALLBACKS", "CheckpointAveraging", "EMA", "UniformAveraging", "WiSEFT")
@@ -37,6 +37,7 @@ __all__ = [
     "sparse_soup",
     "uniform_update_",
     "wise",
+    "wise_last",
     "zero_shot_logits_fn",
     *_CALLBACK_NAMES,
 ]

@@ -11,7 +11,8 @@ checkpoints (``state_dict``/``load_state_dict``) so that a resumed run ends bit-
 uninterrupted one. Running averages stay on the parameters' device in fp32; under DDP every
 rank holds identical parameters, so averaging locally keeps the ranks identical.
 
-Registered by name in :data:`AVERAGING_CALLBACKS`: ``we``, ``ema``, ``checkpoint_avg``, ``wise``.
+Registered by name in :data:`AVERAGING_CALLBACKS`: ``we``, ``ema``, ``checkpoint_avg``, ``wise``, and the
+paper's ablations ``we_wise`` and ``moving_avg``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from zscl.registry import Registry
 
 ReferenceKind = Literal["initial", "task_start"]
 
-__all__ = ["AVERAGING_CALLBACKS", "CheckpointAveraging", "EMA", "UniformAveraging", "WiSEFT"]
+__all__ = ["AVERAGING_CALLBACKS", "CheckpointAveraging", "EMA", "MovingAverage", "UniformAveraging", "WeWiSE", "WiSEFT"]
 
 AVERAGING_CALLBACKS: Registry[type[Callback]] = Registry("averaging callback")
 
@@ -138,6 +139,85 @@ class UniformAveraging(_RunningAverage):
         if self._avg is not None and trainer.global_step > 0 and trainer.global_step % self.every == 0:
             self._add(pl_module)
         super().on_train_end(trainer, pl_module)
+
+
+class WeWiSE(UniformAveraging):
+    """The weight ensemble blended with the task-start weights at every member (the paper's WE-WiSE
+    ablation; the reference's ``--we_wise``, ``--we_wise_alpha`` 0.98): when θ joins,
+
+    ``avg ← α · (avg + (θ − avg)/(n+1)) + (1 − α) · θ_start``,
+
+    on the same steps as :class:`UniformAveraging`; the result is written into the student at the end.
+    """
+
+    def __init__(self, every: int = 100, alpha: float = 0.98) -> None:
+        super().__init__(every)
+        self.alpha = alpha
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every=self.every, alpha=self.alpha)
+
+    def _add(self, pl_module: pl.LightningModule) -> None:
+        super()._add(pl_module)
+        start = self._reference(pl_module, "task_start")  # the module's anchors: also there after a resume
+        torch._foreach_lerp_(self._avg, start, 1.0 - self.alpha)
+
+
+class MovingAverage(_StudentAveraging):
+    """The student pulled toward another model every ``every`` iterations (the paper's moving-average
+    ablation; the reference's ``--moving_avg``, not an EMA kept beside the student):
+
+    ``θ ← decay · θ + (1 − decay) · θ_target``, after the optimizer step of iteration k with k % every == 0
+    (and once more at the end if N % every == 0, the reference's lr-0 iteration N), where θ_target is
+    the task-start weights (``toward: task_start``, the reference's ``n``), the initial CLIP
+    (``initial``, its ``zeroshot``) or the student's weights just before the previous pull (``previous``,
+    its ``t``; the task-start weights before the first pull).
+    """
+
+    def __init__(self, decay: float = 0.999, every: int = 100,
+                 toward: Literal["task_start", "initial", "previous"] = "task_start") -> None:
+        if toward not in ("task_start", "initial", "previous") or every < 1:
+            raise ValueError(f"moving_avg needs toward in task_start|initial|previous and every ≥ 1, got {toward!r}, {every}")
+        self.decay, self.every, self.toward = decay, every, toward
+        self._target: list[Tensor] | None = None
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(decay=self.decay, every=self.every, toward=self.toward)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._target is None:  # else restored from a checkpoint
+            self._target = self._reference(pl_module, "initial" if self.toward == "initial" else "task_start")
+        self._target = self._to_devices(self._target, pl_module)
+
+    @torch.no_grad()
+    def _pull(self, pl_module: pl.LightningModule) -> None:
+        params = self._params(pl_module)
+        before = [p.float().clone() for p in params] if self.toward == "previous" else None
+        for p, t in zip(params, self._target):
+            p.copy_(torch.lerp(p.float(), t, 1.0 - self.decay))
+        if before is not None:
+            self._target = before
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._last_step and step > 0 and (step - 1) % self.every == 0:
+            self._pull(pl_module)
+            self._last_step = step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every == 0:
+            self._pull(pl_module)
+        self._target = None
+
+    def state_dict(self) -> dict[str, Any]:
+        target = None if self._target is None else [t.to("cpu", copy=True) for t in self._target]
+        return {"target": target, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._target, self._last_step = state_dict["target"], state_dict["last_step"]
 
 
 class EMA(_RunningAverage):
@@ -260,3 +340,5 @@ AVERAGING_CALLBACKS.register("we", UniformAveraging)
 AVERAGING_CALLBACKS.register("ema", EMA)
 AVERAGING_CALLBACKS.register("checkpoint_avg", CheckpointAveraging)
 AVERAGING_CALLBACKS.register("wise", WiSEFT)
+AVERAGING_CALLBACKS.register("we_wise", WeWiSE)
+AVERAGING_CALLBACKS.register("moving_avg", MovingAverage)

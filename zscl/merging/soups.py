@@ -27,7 +27,7 @@ from zscl.merging.base import (
     stream_merge,
 )
 
-__all__ = ["average", "greedy_soup", "sparse_soup", "weighted_sum", "wise"]
+__all__ = ["average", "greedy_soup", "sparse_soup", "weighted_sum", "wise", "wise_last"]
 
 
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -111,6 +111,33 @@ def wise(
         raise MergeError(f"wise: alpha must be a finite number, got {alpha}")
     # torch.lerp is exact at both endpoints (it computes end − (end−start)(1−α) for α ≥ 0.5).
     return stream_merge(base, models, lambda key, b, ts: torch.lerp(b, ts[0], alpha))
+
+
+@register_rule(
+    "wise_last",
+    needs_base=True,
+    uses_weights=False,
+    description="evaluation-time WiSE-FT of the latest model: (1−α)θ0 + αθ_last; base = θ0, models = θ1..θt",
+    paper="the ZSCL reference's eval-time --wise-ft --alpha (Wortsman et al. 2022)",
+)
+def wise_last(
+    base: Mapping[str, Tensor] | None,
+    models: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    alpha: float = 0.5,
+) -> StateDict:
+    """(1−α) θ0 + α θ_t with θ_t the last of ``models``: after each task the model evaluated is the WiSE blend
+    of the latest trained model with the initial one, while training continues from the trained model
+    (the reference evaluates ``merge(zero-shot, checkpoint, alpha)`` and never trains from it)."""
+    if base is None or not models:
+        raise MergeError("wise_last interpolates a base θ0 and the last of the models; got " +
+                         ("no models" if base is not None else "no base"))
+    if weights is not None:
+        raise MergeError("wise_last takes no per-model weights; use alpha")
+    if not math.isfinite(alpha):
+        raise MergeError(f"wise_last: alpha must be a finite number, got {alpha}")
+    return stream_merge(base, models, lambda key, b, ts: torch.lerp(b, ts[-1], alpha))
 
 
 @register_rule(

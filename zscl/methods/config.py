@@ -15,10 +15,18 @@ class Distillation:
 
     ``teacher`` picks the frozen model:
 
-    * ``"initial"`` (ZSCL): the initial pretrained CLIP, on every task;
-    * ``"task_start"`` (LwF, LwF-VR, iCaRL): the weights this task starts from, i.e. the
-      previous task's final model (the initial CLIP on the first task) — the reference code's
-      ``--ref-model <previous task>.pth``.
+    * ``"initial"`` (ZSCL, iCaRL): the initial pretrained CLIP, on every task (the reference's
+      iCaRL never sets a previous-task model, so its teacher is the zero-shot CLIP);
+    * ``"task_start"`` (LwF, LwF-VR): the weights this task starts from, i.e. the previous
+      task's final model (the initial CLIP on the first task) — the reference code's
+      ``--ref-model <previous task>.pth``;
+    * ``"ref_wise"`` (the paper's ablation, the reference's ``--ref-wise``): the WiSE blend
+      ``(1 - ref_wise_alpha) * theta_initial + ref_wise_alpha * theta_task_start`` (alpha 0.8).
+
+    Ablation terms (the reference's flags; 0 = off): ``feature_mse`` weights the MSE between the
+    student's and the teacher's normalised reference-image features (``--feature_mse``), and
+    ``image_image`` the image-to-image KD over the reference batch (``--ablation_loss_2``)
+    (:mod:`zscl.methods.losses`).
 
     ``text_mode`` picks the text-side term:
 
@@ -34,14 +42,17 @@ class Distillation:
 
     image: float = 0.0
     text: float = 0.0
-    teacher: Literal["initial", "task_start"] = "initial"
+    teacher: Literal["initial", "task_start", "ref_wise"] = "initial"
+    ref_wise_alpha: float = 0.8
+    feature_mse: float = 0.0
+    image_image: float = 0.0
     text_mode: Literal["coded", "paper"] = "coded"
     temperature: float = 2.0
     text_batch: Optional[int] = None
 
     @property
     def active(self) -> bool:
-        return self.image > 0 or self.text > 0
+        return self.image > 0 or self.text > 0 or self.feature_mse > 0 or self.image_image > 0
 
 
 @dataclass

@@ -33,6 +33,27 @@ def distillation_logits(
     return scale * student_feats.float() @ text_emb.t(), scale * teacher_feats.float() @ text_emb.t()
 
 
+def feature_mse(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
+    """``mean_{i,d} (f_student(ref)_id - f_teacher(ref)_id)^2`` on L2-normalised reference-image features.
+
+    The paper's feature-space ablation (the reference's ``--feature_mse``: ``nn.MSELoss()`` on the
+    normalised features, mean over every element) instead of KL on logits.
+    """
+    return F.mse_loss(student_feats.float(), teacher_feats.float())
+
+
+def image_image_kd(student_feats: torch.Tensor, teacher_feats: torch.Tensor, scale: torch.Tensor,
+                   temperature: float = 2.0) -> torch.Tensor:
+    """Image-to-image distillation (the reference's ``--ablation_loss_2``): ``KD(t, u)`` with
+    ``u = s * f_student f_student^T`` and ``t = s * f_teacher f_teacher^T`` over the reference images,
+    each image's own entry set to -1e4 so that it compares an image only with the others."""
+    def masked(f: torch.Tensor) -> torch.Tensor:
+        logits = scale * f.float() @ f.float().t()
+        return logits - torch.diag(logits.diagonal() + 1e4)
+
+    return kd_loss(masked(teacher_feats), masked(student_feats), temperature)
+
+
 @torch.no_grad()
 def weight_constraint(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The value ``sum_p ||p - a||^2`` (for logging; the gradient is folded in separately).

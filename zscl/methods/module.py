@@ -7,7 +7,8 @@ One training iteration (Zheng et al., ICCV 2023; the reference code's ``finetune
 * ``g_class``: the first (training) template filled with each class name, encoded by the
   *current* text tower ("whole" mode trains both towers; ``logit_scale`` never trains);
 * ``KD_img``/``KD_txt``: :class:`~zscl.methods.config.Distillation` against a frozen teacher
-  on reference images/texts: the *initial* CLIP for ZSCL, the task-start model for LwF/iCaRL;
+  on reference images/texts: the *initial* CLIP for ZSCL and iCaRL, the task-start model for
+  LwF and LwF-VR;
 * ``p_0``: the weights as loaded at the start of the current task (weight constraint, WC);
 * the weight ensemble (WE), EMA and other averaging run as callbacks over the student's
   parameters (``averaging`` specs, see :mod:`zscl.merging.callbacks`).
@@ -37,7 +38,14 @@ from zscl.datasets.streams import mix_seed
 from zscl.evaluation.zeroshot import encode_texts
 from zscl.methods.base import CLIPMethod
 from zscl.methods.config import Distillation, Speed, resolve_auto
-from zscl.methods.losses import add_weight_constraint_grad_, distillation_logits, kd_loss, weight_constraint
+from zscl.methods.losses import (
+    add_weight_constraint_grad_,
+    distillation_logits,
+    feature_mse,
+    image_image_kd,
+    kd_loss,
+    weight_constraint,
+)
 
 
 class ContinualCLIP(CLIPMethod):
@@ -71,6 +79,8 @@ class ContinualCLIP(CLIPMethod):
         self.hparams["distill"], self.hparams["speed"] = asdict(self.distill), asdict(self.speed)
         if self.distill.active and self.distill.teacher == "task_start":
             self._set_teacher()  # after init_from is loaded: the previous task's final model
+        if self.distill.active and self.distill.teacher == "ref_wise":
+            self._blend_teacher(self.distill.ref_wise_alpha)
         elif not self.distill.active:
             object.__setattr__(self, "teacher", None)
         self.trainable = select_trainable(self.clip, train_mode)
@@ -85,7 +95,7 @@ class ContinualCLIP(CLIPMethod):
         # A random initialisation cannot be rebuilt from a name: keep it (the "initial" reference weights).
         self._initial_cpu = (None if self.hparams.pretrained is not None
                              else {k: v.detach().clone() for k, v in self.clip.named_parameters()})
-        if self.distill.active and self.distill.teacher == "initial":
+        if self.distill.active and self.distill.teacher in ("initial", "ref_wise"):
             self._set_teacher()  # before init_from is loaded: the initial CLIP
 
     @classmethod
@@ -102,6 +112,13 @@ class ContinualCLIP(CLIPMethod):
         """A frozen copy of the student as it is now, kept outside the submodule tree
         (object.__setattr__ skips registration: no checkpointing, averaging or DDP wrapping)."""
         object.__setattr__(self, "teacher", copy.deepcopy(self.clip).eval().requires_grad_(False))
+
+    @torch.no_grad()
+    def _blend_teacher(self, alpha: float) -> None:
+        """Teacher <- (1 - alpha) * teacher + alpha * student: the ref-WiSE teacher, the initial CLIP
+        blended with the task-start weights (the reference's ``--ref-wise``, ``--ref_wise_alpha``)."""
+        for t, s in zip(self.teacher.parameters(), self.clip.parameters()):
+            t.lerp_(s.to(t.dtype), alpha)
 
     def _check_averaging_specs(self) -> None:
         from zscl.merging.callbacks import AVERAGING_CALLBACKS
@@ -185,6 +202,10 @@ class ContinualCLIP(CLIPMethod):
             parts["kd_text"] = kd_loss(teacher.t(), student.t(), d.temperature)
         elif d.text > 0:
             parts["kd_text"] = self._paper_text_loss(student_ref, teacher_ref, scale)
+        if d.feature_mse > 0:
+            parts["feature_mse"] = feature_mse(student_ref, teacher_ref)
+        if d.image_image > 0:
+            parts["kd_image_image"] = image_image_kd(student_ref, teacher_ref, scale, d.temperature)
         return parts
 
     def _paper_text_loss(self, student_ref: torch.Tensor, teacher_ref: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -214,7 +235,9 @@ class ContinualCLIP(CLIPMethod):
         parts = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)}
         if self.distill.active:
             parts.update(self._distillation(ref_feats, ref, scale))
-        loss = parts["ce"] + self.distill.image * parts.get("kd_image", 0.0) + self.distill.text * parts.get("kd_text", 0.0)
+        d = self.distill
+        loss = parts["ce"] + d.image * parts.get("kd_image", 0.0) + d.text * parts.get("kd_text", 0.0)
+        loss = loss + d.feature_mse * parts.get("feature_mse", 0.0) + d.image_image * parts.get("kd_image_image", 0.0)
         if self.hparams.weight_constraint > 0 and not self._fold_wc():
             loss = loss + self.hparams.weight_constraint * _wc_autograd([p for _, p in self.trainable], self.anchors)
         self._nonfinite |= ~torch.isfinite(loss.detach())

@@ -16,7 +16,10 @@ Formats :func:`read_state_dict` understands (all end up with open_clip's key lay
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -162,7 +165,11 @@ def _preview(state: Mapping, n: int = 5) -> str:
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``state_dict`` as safetensors (contiguous CPU tensors), atomically."""
+    """Write ``state_dict`` as safetensors (contiguous CPU tensors), atomically.
+
+    The file's bytes depend only on the tensors and the metadata's contents: equal weights give
+    equal files (and hashes), whatever order ``metadata`` was built in (see :func:`_sort_metadata`).
+    """
     from safetensors.torch import save_file
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -181,6 +188,35 @@ def save_state_dict(
         tensors[key] = tensor
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted.
+
+    safetensors keeps the metadata in a Rust ``HashMap`` whose iteration order is seeded per process,
+    so the same dict is written in a different order by each run. The tensor entries keep their
+    (deterministic) order; the header is re-padded with spaces to 8 bytes as safetensors pads it.
+    """
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    if not header.get("__metadata__"):
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    if len(text) == size:  # the usual case: same bytes, other order; patch in place
+        with open(path, "r+b") as f:
+            f.seek(8)
+            f.write(text)
+        return
+    staged = path.with_name(path.name + ".sorted")
+    with open(path, "rb") as src, open(staged, "wb") as dst:
+        src.seek(8 + size)
+        dst.write(struct.pack("<Q", len(text)) + text)
+        shutil.copyfileobj(src, dst)
+    staged.replace(path)
 
 
 def load_weights(

@@ -55,6 +55,11 @@ class MoEConfig:
     noise_epsilon: float = 0.01
     freeze_top: int = 2  # experts frozen per block after each task (activate-freeze); 0 = off
     towers: tuple[str, ...] = ("image", "text")
+    # One router for every task (task id 0 always): the reference's class-incremental (cil/) set-up.
+    shared_router: bool = False
+    # Gate noise at evaluation too: a quirk of the reference's cil/ code. Off by default, so that an
+    # evaluation is a deterministic function of the weights; on, the noise is seeded per batch.
+    eval_gate_noise: bool = False
 
 
 class BlockExperts(nn.Module):
@@ -198,7 +203,8 @@ class MoEAdapters(nn.Module):
             mask = routes >= 0
             if not bool(mask.any()):
                 return None
-        idx, gates = experts.gates(xb[:, 0], routes, self.training, self.generator)
+        noisy = self.training or self.cfg.eval_gate_noise
+        idx, gates = experts.gates(xb[:, 0], routes, noisy, self.generator)
         if self.recording:
             experts.usage += torch.bincount(idx.flatten(), minlength=self.cfg.num_experts)
         y = experts(xb, idx, gates, self.generator)
@@ -242,10 +248,18 @@ class MoEAdapters(nn.Module):
         k = self.cfg.freeze_top
         for block in self.blocks:
             if k > 0 and int(block.usage.sum()) > 0:
-                # stable sort: ties go to the lower index, as topk does on equal counts
-                order = torch.sort(block.usage, descending=True, stable=True).indices[:k]
-                block.frozen[order] = True
+                block.frozen[most_used(block.usage, k)] = True
             block.usage.zero_()
+
+
+def most_used(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``counts``; among equal counts the lower expert index wins.
+
+    The reference takes ``torch.topk`` of the counts, which promises no order among ties (on counts
+    tied at 12 it may return either expert). zscl fixes the rule so that a run is reproducible on any
+    device: a stable descending sort keeps tied experts in index order.
+    """
+    return torch.sort(counts, descending=True, stable=True).indices[:k]
 
 
 def _width(block: nn.Module) -> int:

@@ -43,6 +43,7 @@ from torch import nn
 class DDASConfig:
     """Settings of the test-time selector (see the module docstring)."""
 
+    enabled: bool = True  # false: no autoencoders are trained; every image takes the latest router (cil/)
     extractor: str = "clip"  # clip | torchvision:<name> | timm:<name>
     extractor_weights: Optional[str] = None  # local weights file for torchvision/timm extractors
     hidden: int = 100

@@ -13,7 +13,7 @@ routes every image with DDAS: task t*'s router in both towers, or the zero-shot 
 
 Chaining tasks: ``init_from`` is the previous task's CLIP export; its adapters are read from the
 ``.moe.safetensors`` file beside it (:func:`zscl.moe.export.moe_path`), which this module writes
-in :meth:`export_weights`. Everything (routers, frozen sets, usage counts, autoencoders,
+in :meth:`export_sidecars`. Everything (routers, frozen sets, usage counts, autoencoders,
 calibration errors) is module state, so Lightning checkpoints resume bit-identically.
 
 Deviations (besides those of :mod:`zscl.moe.adapters` and :mod:`zscl.moe.ddas`): ``torch.compile``
@@ -64,17 +64,20 @@ class MoEAdapterCLIP(CLIPMethod):
         prior = find_export(self.hparams.init_from) or (None if self.hparams.init_from else find_export(self.hparams.pretrained))
         state, done = read_moe(prior)[:2] if prior else ({}, 0)
         self.task = done  # this module trains task `done` (0-based)
+        # the router this task trains and evaluates with: its own, or the one shared by all (cil/ recipe)
+        self.route = 0 if self.moe_cfg.shared_router else done
         self.clip.requires_grad_(False)
-        self.moe = MoEAdapters(self.clip, self.moe_cfg, done + 1)
+        self.moe = MoEAdapters(self.clip, self.moe_cfg, self.route + 1)
         object.__setattr__(self, "extractor", build_extractor(self.ddas_cfg))
         self.ddas = AutoEncoderBank(self._feature_dim(), self.ddas_cfg, done + 1)
         if state:
             load_moe(state, self.moe, self.ddas)
         self.register_buffer("tasks_done", torch.tensor(done))
-        self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(done)]
+        self.trainable = [(f"moe.{n}", p) for n, p in self.moe.set_trainable(self.route)]
         self.ddas.requires_grad_(False)  # earlier tasks' autoencoders are final
-        self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
-                           for n, p in self.ddas.autoencoders[done].named_parameters()]
+        if self.ddas_cfg.enabled:
+            self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
+                               for n, p in self.ddas.autoencoders[done].named_parameters()]
         self._finished = False
         self.route_stats: dict[str, list[float]] = {}
 
@@ -93,10 +96,12 @@ class MoEAdapterCLIP(CLIPMethod):
         # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference;
         # the autoencoder keeps a constant lr, the adapters follow the warm-up + cosine schedule.
         h = self.hparams
-        return [{"params": [p for n, p in self.trainable if n.startswith("moe.")], "lr": h.lr,
-                 "weight_decay": h.weight_decay, "schedule": "cosine"},
-                {"params": [p for n, p in self.trainable if n.startswith("ddas.")], "lr": self.ddas_cfg.lr,
-                 "weight_decay": 0.0, "schedule": "constant"}]
+        groups = [{"params": [p for n, p in self.trainable if n.startswith("moe.")], "lr": h.lr,
+                   "weight_decay": h.weight_decay, "schedule": "cosine"}]
+        autoencoder = [p for n, p in self.trainable if n.startswith("ddas.")]
+        if autoencoder:  # DDAS on
+            groups.append({"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0, "schedule": "constant"})
+        return groups
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -107,9 +112,11 @@ class MoEAdapterCLIP(CLIPMethod):
         # Noise and dropout from a generator seeded by the step: a resumed run draws the same numbers.
         self.moe.seed_step(mix_seed(29, self.task, self.global_step, self.global_rank), self.device)
         self.moe.recording = True
-        with self.moe.routing(self.task):
+        with self.moe.routing(self.route):
             loss = super().training_step(batch, batch_idx)
         self.moe.recording = False
+        if not self.ddas_cfg.enabled:
+            return loss
         feats = self._ddas_features(self.normalized(batch["task"][0]))
         steps = self.trainer.max_steps
         calibrate = self.global_step >= min(int((1 - self.ddas_cfg.calibration_fraction) * steps), steps - 1)
@@ -164,10 +171,13 @@ class MoEAdapterCLIP(CLIPMethod):
 
     # ----------------------------------------------------------------- evaluation with DDAS
     def routes_for(self, images: torch.Tensor) -> torch.Tensor:
-        """DDAS: per image the trained task whose router to use, or -1 (zero-shot CLIP)."""
+        """DDAS: per image the trained task whose router to use, or -1 (zero-shot CLIP).
+
+        Without DDAS every image takes the latest trained task's router (the shared one: 0)."""
         tasks = int(self.tasks_done)
-        if tasks == 0:
-            return torch.full((len(images),), -1, dtype=torch.long, device=images.device)
+        if tasks == 0 or not self.ddas_cfg.enabled:
+            route = -1 if tasks == 0 else (0 if self.moe_cfg.shared_router else tasks - 1)
+            return torch.full((len(images),), route, dtype=torch.long, device=images.device)
         errors = self.ddas.errors(self._ddas_features(images), tasks)
         return select_routes(errors, self.ddas.thresholds[:tasks], self.ddas_cfg.decision)
 
@@ -187,6 +197,11 @@ class MoEAdapterCLIP(CLIPMethod):
                 self._classifiers[key] = build_classifier(self.clip, self.bundle.tokenizer, spec.classnames,
                                                           spec.templates, device=self.device, amp_dtype=amp)
         return self._classifiers[key]
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.moe_cfg.eval_gate_noise:  # the reference's quirk, made reproducible: noise seeded per batch
+            self.moe.seed_step(mix_seed(31, dataloader_idx, batch_idx, self.global_rank), self.device)
+        super().validation_step(batch, batch_idx, dataloader_idx)
 
     def eval_logits(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
         """DDAS routes each image: task t*'s router in both towers, or the zero-shot CLIP (route -1)."""

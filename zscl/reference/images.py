@@ -42,7 +42,12 @@ class ReferenceImages:
     path: str = "ImageNet"  # dataset name | folder | CSV/TSV file | shard pattern | memory JSON
     split: Literal["train", "test"] = "train"  # for source=dataset
     column: str = "filepath"  # for source=csv
-    limit: Optional[int] = None  # keep only the first N images (after sorting)
+    limit: Optional[int] = None  # keep N images drawn at random with limit_seed (the reference's ImageNetSUB)
+    limit_seed: int = 42  # the seed of that draw (the reference's random_split generator seed)
+    # source=dataset: keep the classes with label < first_classes, and of each its first per_class images
+    # (the reference's ImageNetSM class-subset ablation: first `num` classes, 100 images each)
+    first_classes: Optional[int] = None
+    per_class: Optional[int] = None
     cache: bool = False  # decode + test-transform every image once into a uint8 cache (small pools)
 
 
@@ -113,7 +118,8 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     from zscl.datasets.common import source_fingerprint
 
-    key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit,
+    key = cache_key(cfg.source, resolve(cfg.path, data_root).resolve(), cfg.split, cfg.column, cfg.limit, cfg.limit_seed,
+                    cfg.first_classes, cfg.per_class,
                     len(dataset), repr(transform), source_fingerprint(dataset))
     return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
 
@@ -122,7 +128,10 @@ def reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Call
     if cfg.source == "dataset":
         from zscl.datasets import build_dataset
 
-        dataset: Dataset = DropLabels(build_dataset(cfg.path, data_root, cfg.split, transform))
+        labelled = build_dataset(cfg.path, data_root, cfg.split, transform)
+        if cfg.first_classes is not None or cfg.per_class is not None:
+            labelled = torch.utils.data.Subset(labelled, class_subset_indices(labelled, cfg.first_classes, cfg.per_class))
+        dataset: Dataset = DropLabels(labelled)
     elif cfg.source == "folder":
         dataset = ImageFiles(list_images(resolve(cfg.path, data_root)), transform)
     elif cfg.source == "csv":
@@ -136,8 +145,37 @@ def reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Call
     else:
         raise ValueError(f"source {cfg.source!r} is streamed; use reference_wds_stream")
     if cfg.limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))  # type: ignore[arg-type]
+        dataset = torch.utils.data.Subset(dataset, limit_indices(len(dataset), cfg.limit, cfg.limit_seed))  # type: ignore[arg-type]
     return dataset
+
+
+def class_subset_indices(dataset: Dataset, first_classes: Optional[int], per_class: Optional[int]) -> list[int]:
+    """Positions of the images whose label is < ``first_classes``, at most the first ``per_class`` of each
+    label in the pool's order: the reference's ``ImageNetSM`` (its first ``num`` ImageNet classes, the first
+    100 images of each in ImageFolder order), for the reference-class ablation. None = no bound."""
+    from zscl.datasets import dataset_labels
+
+    seen: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(dataset_labels(dataset)):
+        if first_classes is not None and y >= first_classes:
+            continue
+        if per_class is None or seen.get(y, 0) < per_class:
+            seen[y] = seen.get(y, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def limit_indices(n: int, limit: int, seed: int) -> list[int]:
+    """``limit`` of ``n`` pool positions drawn at random: the first ``limit`` of a seeded permutation.
+
+    The reference's ``ImageNetSUB`` keeps the first part of ``random_split(pool, [N, rest],
+    generator=manual_seed(42))``, i.e. ``randperm(n, generator)[:N]``; a sorted prefix would instead
+    be a handful of whole classes. The draw depends on ``(n, limit, seed)`` only, so every DDP rank and
+    every resumed run gets the same subset.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[: min(limit, n)].tolist()
 
 
 def reference_wds_stream(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None,

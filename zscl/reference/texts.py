@@ -33,14 +33,17 @@ from zscl.reference.images import read_table, resolve
 class ReferenceTexts:
     """Where ZSCL's reference texts come from (default: the CC validation captions)."""
 
-    source: Literal["captions", "wds", "classnames", "task", "random"] = "captions"
+    source: Literal["captions", "wds", "classnames", "classnames_so_far", "task", "random"] = "captions"
     path: str = "Validation_GCC-1.1.0-Validation_output.csv"  # captions file or shard pattern
     column: str = "title"  # for source=captions
-    datasets: list[str] = field(default_factory=list)  # for source=classnames
+    datasets: list[str] = field(default_factory=list)  # for source=classnames; classnames_so_far: the task order
     limit: Optional[int] = None  # keep only the first N texts
     n_random: int = 1000  # for source=random
     random_length: int = 10
-    seed: int = 0
+    seed: int = 0  # for source=random: the seed of the draw
+    # for source=random: false (default) = the same sentences for every task, as the reference (each task's
+    # process runs seed_all(42) and then the same code before virtual_vocab()); true = new ones per task
+    random_per_task: bool = False
 
 
 def caption_texts(path: Path, column: str) -> list[str]:
@@ -80,14 +83,26 @@ def random_tokens(n: int, length: int, tokenizer, seed: int) -> torch.Tensor:
 
 
 def for_task(cfg: ReferenceTexts, dataset: str, data_seed: int) -> ReferenceTexts:
-    """``source: task`` made concrete (the task's class prompts); random sentences seeded per task."""
+    """``source: task`` made concrete (the task's class prompts); random sentences drawn from ``cfg.seed``
+    alone (the same every task), or, with ``random_per_task``, from it mixed with the task's ``data_seed``."""
     if cfg.source == "task":
         return replace(cfg, source="classnames", datasets=[dataset])
-    if cfg.source == "random":
+    if cfg.source == "classnames_so_far":
+        return replace(cfg, source="classnames", datasets=datasets_so_far(cfg.datasets, dataset))
+    if cfg.source == "random" and cfg.random_per_task:
         from zscl.datasets.streams import mix_seed
 
         return replace(cfg, seed=mix_seed(cfg.seed, data_seed))
     return cfg
+
+
+def datasets_so_far(order: Sequence[str], dataset: str) -> list[str]:
+    """The tasks of ``order`` up to and including ``dataset``: reference texts that accumulate per task, the
+    class prompts of every task trained so far (the reference's growing ``--text-datasets`` lists)."""
+    if dataset not in order:
+        raise ValueError(f"reference_texts.datasets (the task order for classnames_so_far) lacks the task {dataset!r}: "
+                         f"{list(order)}")
+    return list(order[: list(order).index(dataset) + 1])
 
 
 def reference_texts(cfg: ReferenceTexts, data_root: str | Path) -> list[str]:
@@ -98,8 +113,8 @@ def reference_texts(cfg: ReferenceTexts, data_root: str | Path) -> list[str]:
         texts = wds_texts(cfg.path if "://" in cfg.path else str(resolve(cfg.path, data_root)))
     elif cfg.source == "classnames":
         texts = classname_texts(cfg.datasets)
-    elif cfg.source == "task":
-        raise ValueError("source 'task' means the current task's class prompts; resolve it with for_task(cfg, dataset, seed)")
+    elif cfg.source in ("task", "classnames_so_far"):
+        raise ValueError(f"source {cfg.source!r} depends on the current task; resolve it with for_task(cfg, dataset, seed)")
     else:
         raise ValueError(f"source {cfg.source!r} has no strings; use reference_text_tokens")
     if not texts:

@@ -27,8 +27,8 @@ class ClassSteps:
     ``increment``. ``order`` is a list of labels or the name of ``data/class_orders/<name>.json``.
     ``template`` replaces the dataset's prompts in training and evaluation. ``zero_shot`` adds the
     initial model's accuracy on every step's seen classes (the Continual-CLIP baseline). A step trains for
-    ``epochs`` passes over its classes' training images: ``ceil(epochs * n / (batch_size * devices))``
-    iterations (reference: one epoch, batch 64, one GPU).
+    ``epochs`` passes over its classes' training images: ``ceil(epochs * n / (batch_size * devices)) + 1``
+    iterations (the reference's len(loader) + 1; one epoch, batch 64, one GPU).
     """
 
     dataset: str = "CIFAR100"
@@ -96,7 +96,8 @@ class ClassIncremental(Setting):
         for y in labels:
             per_class[y] = per_class.get(y, 0) + 1
         batch = cfg.data.batch_size * world_size(cfg.trainer)
-        iters = [max(1, math.ceil(spec_cfg.epochs * sum(per_class[c] for c in s) / batch)) for s in self.steps]
+        # The reference's step loop runs len(loader) + 1 iterations, the last a real update.
+        iters = [math.ceil(spec_cfg.epochs * sum(per_class[c] for c in s) / batch) + 1 for s in self.steps]
         cfg.benchmark.tasks = [{"dataset": v, "steps": n} for v, n in zip(self.step_views, iters)]
         cfg.benchmark.eval_datasets = None
 
