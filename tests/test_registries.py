@@ -57,6 +57,14 @@ def test_benchmark_configs_parse_and_their_tasks_are_registered(name):
         get_dataset(task_dataset(task))
 
 
+# Ablation configs that name MTIL's own data read the tiny world's instead (the same code paths).
+TINY_DATA = {
+    "ref_classes": ["--data.reference_images.source", "dataset", "--data.reference_images.path", "TinyColors",
+                    "--data.reference_images.first_classes", "2", "--data.reference_images.per_class", "3"],
+    "texts_so_far": ["--data.reference_texts.datasets", "[TinyColors, TinyStripes]"],
+}
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_config_runs_a_short_sequence(world, name):
     """Each method config runs the tiny 2-task benchmark end to end through the sequence runner
@@ -70,7 +78,7 @@ def test_every_method_config_runs_a_short_sequence(world, name):
 
     out = world / "out" / name
     argv = ["--config", str(world / "tiny" / "benchmark.yaml"), "--config", f"{config_registry('method').get(name)}",
-            "--out", str(out), "--steps", "2", "--progress", "none", "--checkpoint_every", "100"]
+            "--out", str(out), "--steps", "2", "--progress", "none", "--checkpoint_every", "100", *TINY_DATA.get(name, [])]
     parser = build_parser(argv)  # the config's model_class picks the module
     SequenceRunner(parser, parser.parse_args(argv)).run()
     res = json.loads((out / "results.json").read_text())
