@@ -17,10 +17,10 @@ from zscl.datasets.badimages import (
     ReportingLoader,
     SafeImages,
     UnreadableImageError,
-    reporting_loader,
+
 )
 from zscl.datasets.common import LabeledImages
-from zscl.datasets.streams import StepBatchStream, mix_seed
+from zscl.datasets.streams import StepBatchStream, mix_seed, reporting_loader
 
 
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
@@ -293,7 +293,7 @@ def build_eval_cache(data: str, cache: str, name: str = "ManyImages"):
     from torchvision import transforms as T
 
     from zscl.datasets import CustomDataset, register_custom
-    from zscl.evaluation.cache import cached_dataset
+    from zscl.datasets.cache import cached_dataset
 
     register_custom(CustomDataset(name, "imagefolder", "many"), data_root=data)
     tf = T.Compose([T.Resize(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
@@ -367,7 +367,7 @@ def test_eval_cache_leaves_unreadable_images_out_and_rebuilds_once_they_are_repa
     from torchvision import transforms as T
 
     from zscl.datasets import CustomDataset, UnreadableTestImagesError, register_custom
-    from zscl.evaluation.cache import cached_dataset
+    from zscl.datasets.cache import cached_dataset
     from zscl.evaluation.zeroshot import dataset_batches
 
     for split, n in (("train", 2), ("test", 6)):

@@ -53,19 +53,19 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def lwf_task2(world):
     """The module and data module the runner builds for LwF's second task."""
     runner = run_sequence(world, "lwf", world / "runs" / "lwf")
-    model, dm, _ = runner._instantiate(runner._task_cfg(1, runner._start_point(1)))
+    model, dm, _ = runner.instantiate(runner.task_cfg(1, runner.start_point(1)))
     return runner, model, dm
 
 
 def test_lwf_teacher_is_the_previous_tasks_export_not_the_initial_clip(world, lwf_task2):
     runner, model, _ = lwf_task2
     export = load_file(str(world / "runs" / "lwf" / "checkpoints" / "00-TinyColors.safetensors"))
-    initial, _, _ = runner._instantiate(runner._task_cfg(0, None, eval_only=True))
+    initial, _, _ = runner.instantiate(runner.task_cfg(0, None, eval_only=True))
     teacher, init = params(model.teacher), params(initial.clip)
     assert all(torch.equal(teacher[k], export[k].float()) for k in teacher), "teacher != task 1's export"
     assert any(not torch.equal(teacher[k], init[k]) for k in teacher), "teacher == initial CLIP"
     # the student starts there too (WC anchor and WE first member would be the same tensors)
-    assert all(torch.equal(a, export[n].float()) for n, a in zip(model._trainable_names, model.anchors))
+    assert all(torch.equal(a, export[n].float()) for n, a in zip(model.trainable_names, model.anchors))
 
 
 def test_lwf_first_task_teacher_is_the_initial_clip(world):
@@ -208,9 +208,9 @@ def test_icarl_sequence_memory_holds_only_seen_tasks_with_reference_sizes(world)
     ds = build_dataset("TinyStripes", str(world), "train", None)
     assert [ds[i][1] for i in second["tasks"][1]["indices"]] == second["tasks"][1]["labels"]
     # task 2 distils on exactly those exemplars; task 1 (no memory yet) trains without distillation
-    model0, _, _ = runner._instantiate(runner._task_cfg(0, None))
+    model0, _, _ = runner.instantiate(runner.task_cfg(0, None))
     assert model0.teacher is None
-    model1, dm1, _ = runner._instantiate(runner._task_cfg(1, runner._start_point(1)))
+    model1, dm1, _ = runner.instantiate(runner.task_cfg(1, runner.start_point(1)))
     assert dm1.ref_images.source == "memory" and dm1.ref_images.path.endswith("memory/00-TinyColors.json")
     # the reference's iCaRL distils toward the zero-shot CLIP: the teacher is not the task-start student
     assert model1.distill.teacher == "initial"
@@ -224,7 +224,7 @@ def test_icarl_memory_is_recomputed_identically(world):
     before = (out / "memory" / "01-TinyStripes.json").read_bytes()
     (out / "memory" / "01-TinyStripes.json").unlink()
     runner = run_sequence(world, "icarl", world / "runs" / "icarl", "--continual.memory.size", "5")
-    runner._update_memory(1)
+    runner.hooks[0].after_task(runner, 1)  # the exemplar_memory hook, which finds no file
     assert (out / "memory" / "01-TinyStripes.json").read_bytes() == before
 
 
@@ -246,7 +246,7 @@ def test_icarl_reads_its_memory_when_out_is_a_relative_path(world, monkeypatch):
     monkeypatch.chdir(world.parent)
     out = Path(world.name) / "runs" / "icarl"  # relative to the working folder, not to the data root
     runner = run_sequence(world, "icarl", out, "--continual.memory.size", "5")
-    cfg = runner._task_cfg(1, runner._start_point(1))
+    cfg = runner.task_cfg(1, runner.start_point(1))
     assert Path(cfg["data.reference_images.path"]).is_absolute()
-    _, dm, _ = runner._instantiate(cfg)
+    _, dm, _ = runner.instantiate(cfg)
     assert dm.ref_images.path == str((world / "runs" / "icarl" / "memory" / "00-TinyColors.json").resolve())

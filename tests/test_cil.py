@@ -13,7 +13,7 @@ import torch
 from tests.fake_layouts import make_fake_dataset
 from zscl.datasets import DatasetNotFoundError, build_dataset, dataset_labels, get_dataset, load_classnames
 from zscl.datasets.views import DatasetView, load_class_order, register_view
-from zscl.runner.cil import class_steps
+from zscl.settings.cil import class_steps
 
 # The reference's orders (ZSCL cil/class_orders/{cifar100,tinyimagenet}.yaml), typed out here.
 CIFAR100_ORDER = [
@@ -102,12 +102,9 @@ trainer:
 
 
 def _run(argv: list[str]):
-    from zscl.cli.sequence import build_parser
-    from zscl.runner.cil import make_runner
-    from zscl.runner.configs import resolve_config_args, with_method_overrides
+    from zscl.runner.build import build_runner
 
-    parser = build_parser()
-    runner = make_runner(parser, parser.parse_args(with_method_overrides(resolve_config_args(argv))))
+    runner = build_runner(argv)
     return runner, runner.run()
 
 
@@ -132,7 +129,7 @@ def test_cil_seen_class_evaluation_matches_a_hand_built_expectation(cil_run):
         seen = CIFAR100_ORDER[:end]
         assert res["seen_classes"][t] == seen
         # the classifier: exactly the seen classes' names, in order, with the CIL prompt only
-        spec = get_dataset(runner.seen_views[t])
+        spec = get_dataset(runner.setting.seen_views[t])
         assert spec.classnames == tuple(names[c] for c in seen) and spec.templates == ("a bad photo of a {c}.",)
         # the test set: exactly the seen classes' images (one per class in this fake)
         assert res["n_test"][t] == sum(1 for y in fake.labels["test"] if y in seen) == end
@@ -140,7 +137,7 @@ def test_cil_seen_class_evaluation_matches_a_hand_built_expectation(cil_run):
         assert res["accuracy"][t] == pytest.approx(sum(res["per_class_accuracy"][t]) / end)
         # training: the step's own classes only, labels = position within the step
         step = res["step_classes"][t]
-        train = build_dataset(runner.step_views[t], root, "train")
+        train = build_dataset(runner.setting.step_views[t], root, "train")
         assert dataset_labels(train) == [step.index(y) for y in fake.labels["train"] if y in step]
     assert res["metrics"]["avg"] == pytest.approx(sum(res["accuracy"]) / 3)
     assert res["metrics"]["last"] == res["accuracy"][2]
@@ -199,7 +196,7 @@ def test_compare_refuses_mixing_mtil_and_cil_and_shows_the_paper(tmp_path):
     mtil = {"benchmark": "cil_cifar100_10", "method": "finetune", "datasets": ["A"], "accuracy": [[50.0]]}
     (tmp_path / "c.json").write_text(json.dumps(cil))
     (tmp_path / "m.json").write_text(json.dumps(mtil))
-    with pytest.raises(CompareError, match="cannot compare MTIL runs with class-incremental"):
+    with pytest.raises(CompareError, match=r"cannot compare runs of different settings \(cil, mtil\)"):
         compare([str(tmp_path / "c.json"), str(tmp_path / "m.json")])
     with pytest.raises(CompareError, match="is a MTIL table but the runs are CIL"):
         compare([str(tmp_path / "c.json")], published="mtil_order1")
@@ -265,3 +262,19 @@ def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
     assert "| zscl | 77.0 | 66.0 | ZSCL | 82.2 | 73.7 |" in report and "| ZSCL | 90.0 | 75.0 | 66.0 |" in report
     assert "| zero-shot | 60.0 | 40.0 | – | – | – |" in report and summary["zero_shot"] == {"avg": 60.0, "last": 40.0}
     assert (tmp_path / "plots" / "accuracy_per_step.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_moe_adapters_in_cil_records_per_class_accuracies(tmp_path):
+    """The method contract counts per class for every method: MoE-Adapters' routed evaluation too."""
+    torch.set_num_threads(1)
+    fake = make_fake_dataset("CIFAR100", tmp_path, classes=range(100), per_class=1)
+    _, res = _run(["--config", str(_cil_config(tmp_path)), "--config", "method/moe_adapters", "--model.moe.num_experts",
+                   "2", "--model.moe.freeze_top", "1", "--out", str(tmp_path / "out"), "--progress", "none"])
+    for t, end in enumerate([40, 70, 100]):
+        per_class = res["per_class_accuracy"][t]
+        assert per_class is not None and len(per_class) == end
+        # one test image per class in this fake: every class is 0 or 100, and their mean is the accuracy
+        seen = set(CIFAR100_ORDER[:end])
+        assert set(per_class) <= {0.0, 100.0} and res["n_test"][t] == sum(1 for y in fake.labels["test"] if y in seen)
+        assert res["accuracy"][t] == pytest.approx(sum(per_class) / end)

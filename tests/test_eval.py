@@ -10,7 +10,8 @@ from PIL import Image
 
 from tests.fake_layouts import make_fake_dataset
 from zscl.cli.main import main
-from zscl.evaluation.cache import cached_dataset, normalize_images, split_normalize
+from zscl.datasets.pixels import normalize_images
+from zscl.datasets.cache import cached_dataset, split_normalize
 from zscl.evaluation.zeroshot import build_classifier, evaluate, topk_correct
 from zscl.models import load_clip
 

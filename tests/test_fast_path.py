@@ -179,7 +179,7 @@ def test_second_task_distils_to_the_initial_model_and_anchors_to_the_previous_ex
     module = build_module(MODEL, "zscl", compile="off", pretrained=str(tmp_path / "initial.safetensors"),
                           init_from=str(tmp_path / "task1.safetensors"))
     assert all(torch.equal(p, theta0[n]) for n, p in module.teacher.named_parameters())
-    assert all(torch.equal(a, theta1[n]) for n, a in zip(module._trainable_names, module.anchors))
+    assert all(torch.equal(a, theta1[n]) for n, a in zip(module.trainable_names, module.anchors))
     assert not torch.equal(theta0["visual.proj"], theta1["visual.proj"])
 
     data = RandomBatches(module.bundle.image_size, batch=6, ref_batch=5, classes=7, ref_texts=9, seed=1)

@@ -69,13 +69,10 @@ def _argv(world: Path, bench: str, method: str, out: Path, steps: int, *extra: s
 
 
 def _run_here(argv: list[str]) -> dict:
-    from zscl.cli.sequence import build_parser
-    from zscl.runner.cil import make_runner
-    from zscl.runner.configs import resolve_config_args, with_method_overrides
+    from zscl.runner.build import build_runner
 
     torch.set_num_threads(1)
-    parser = build_parser()
-    return make_runner(parser, parser.parse_args(with_method_overrides(resolve_config_args(argv)))).run()
+    return build_runner(argv).run()
 
 
 def _killed_then_resumed(argv: list[str], kill_at: str) -> dict:

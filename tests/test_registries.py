@@ -45,7 +45,7 @@ def test_benchmark_configs_parse_and_their_tasks_are_registered(name):
     cfg = build_parser(argv).parse_args(argv)  # a method-specific variant names its model_class
     if cfg.benchmark.classes is not None:  # class-incremental: the runner generates one task per class step
         from zscl.datasets.views import load_class_order
-        from zscl.runner.cil import class_steps
+        from zscl.settings.cil import class_steps
 
         c = cfg.benchmark.classes
         order = load_class_order(c.order, get_dataset(c.dataset).num_classes)

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA if available, else CPU; anything else as ``torch.device``."""
-    from zscl.cli.eval import resolve_device as resolve
+    from zscl.evaluation.zeroshot import resolve_device as resolve
 
     device = resolve(name)
     if device.type == "cuda" and not torch.cuda.is_available():

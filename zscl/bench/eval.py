@@ -79,8 +79,7 @@ def run_eval(cfg: EvalBench) -> dict[str, Any]:
 
 
 def _measure(cfg: EvalBench, spec, root: Path, cache_dir: Path) -> dict[str, Any]:
-    from zscl.cli.eval import resolve_amp
-    from zscl.evaluation.zeroshot import build_classifier, dataset_batches, evaluate
+    from zscl.evaluation.zeroshot import build_classifier, dataset_batches, evaluate, resolve_amp
     from zscl.models import load_clip
 
     device = resolve_device(cfg.device)

@@ -1,5 +1,5 @@
 """``zscl bench step``: time the real training step of a method's module (:class:`~zscl.methods.ContinualCLIP`,
-or the config's ``model_class`` such as MoE-Adapters).
+or the config's ``model_class``, any method on the contract).
 
 The module users train is built from a method config (``configs/method/<name>.yaml``) with
 random weights and run through a real ``lightning.Trainer.fit`` on pre-generated random
@@ -46,7 +46,7 @@ class StepBench:
     ref_batch: int = field(default=64, metadata={"help": "reference images per step (distilling methods)"})
     classes: int = field(default=100, metadata={"help": "classes of the task (class-text forward per step)"})
     ref_texts: int = field(default=13000, metadata={"help": "reference texts (teacher embeddings cached once)"})
-    train_mode: Literal["whole", "image", "text"] = field(default="whole", metadata={"help": "which tower trains"})
+    train_mode: Optional[Literal["whole", "image", "text"]] = field(default=None, metadata={"help": "which tower trains (default: the method's)"})
     text_mode: Optional[Literal["coded", "paper"]] = field(default=None, metadata={"help": "override the method's text-KD mode"})
     text_batch: Optional[int] = field(default=None, metadata={"help": "paper text mode: reference texts per step"})
     precision: Optional[str] = field(default=None, metadata={"help": "Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)"})
@@ -63,47 +63,29 @@ class StepBench:
 
 
 # ---------------------------------------------------------------------------- the module under test
-def method_config(method: str) -> dict[str, Any]:
-    """A method config (name or path) as a dict."""
-    import yaml
-
-    from zscl.runner.configs import config_registry, resolve_config_path
-
-    is_path = "/" in method or method.endswith((".yaml", ".yml"))
-    path = resolve_config_path(method) if is_path else config_registry("method").get(method)
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
-
-
-def method_kwargs(method: str) -> dict[str, Any]:
-    """The ``model:`` section of a method config (name or path) as keyword arguments of its module."""
-    from zscl.methods.config import Distillation, Speed
-
-    kwargs = dict(method_config(method).get("model") or {})
-    if kwargs.get("distill"):
-        kwargs["distill"] = Distillation(**kwargs["distill"])
-    if kwargs.get("speed"):
-        kwargs["speed"] = Speed(**kwargs["speed"])
-    return kwargs
-
-
-def build_module(model: str, method: str = "zscl", *, train_mode: str = "whole", text_mode: Optional[str] = None,
+def build_module(model: str, method: str = "zscl", *, train_mode: Optional[str] = None, text_mode: Optional[str] = None,
                  text_batch: Optional[int] = None, compile: str = "auto", **overrides: Any):
-    """A randomly initialised module (the config's ``model_class``, default ContinualCLIP) configured by ``method``."""
-    from zscl.methods.classes import DEFAULT, model_class
-    from zscl.methods.config import Speed
+    """A randomly initialised module of a method config (its ``model_class``), through :func:`~zscl.runner.build.create_method`.
 
-    kwargs = method_kwargs(method)
-    distill = kwargs.get("distill")
-    if distill is not None and text_mode is not None:
-        distill.text_mode = text_mode
-    if distill is not None and text_batch is not None:
-        distill.text_batch = text_batch
-    speed = kwargs.get("speed") or Speed()
-    speed.compile = {"auto": "auto", "on": True, "off": False}[compile]
-    kwargs.update(clip=model, pretrained=None, train_mode=train_mode, speed=speed)
-    kwargs.update(overrides)
-    return model_class(method_config(method).get("model_class", DEFAULT))(**kwargs)
+    ``train_mode``, ``text_mode`` and ``text_batch`` override the config's ``model.train_mode`` and
+    ``model.distill.*`` when given (a method without those arguments refuses them).
+    """
+    from zscl.runner.build import method_config
+
+    section = dict(method_config(method).get("model") or {})
+    extra: dict[str, Any] = {"clip": model, "pretrained": None,
+                             "speed": {**(section.get("speed") or {}), "compile": {"auto": "auto", "on": True, "off": False}[compile]}}
+    if train_mode is not None:
+        extra["train_mode"] = train_mode
+    distill = {k: v for k, v in (("text_mode", text_mode), ("text_batch", text_batch)) if v is not None}
+    if distill:
+        extra["distill"] = {**(section.get("distill") or {}), **distill}
+    from dataclasses import asdict, is_dataclass
+
+    from zscl.runner.build import create_method
+
+    given = {k: asdict(v) if is_dataclass(v) else v for k, v in overrides.items()}  # e.g. speed=Speed(...)
+    return create_method(method, **{**extra, **given})
 
 
 class RandomBatches(L.LightningDataModule):
@@ -206,7 +188,7 @@ class StepTimer(L.Callback):
 
 def make_trainer(device: torch.device, precision: str, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
     """A bare single-device Trainer: no logger, checkpoints, progress bar, summary or validation."""
-    from zscl.cli.quiet import quiet_lightning
+    from zscl.utils.quiet import quiet_lightning
 
     quiet_lightning()
     # ContinualCLIP defines validation_step; the benchmark trains only.
@@ -283,23 +265,25 @@ def _run_one(cfg: StepBench) -> dict[str, Any]:
     out.update(ms_in_hooks_median=statistics.median(hooks[skip:]), first_step_ms=iters[0],
                compile_s=(iters[0] - out["ms_per_step_median"]) / 1e3 if compiled else None,
                setup_s=timer.setup_s, compiled=compiled, **memory)
-    if hasattr(module, "moe"):  # the analytic count assumes full fine-tuning (all weight gradients)
+    profile = module.analytic_step_profile()  # None: the analytic count does not describe this method's step
+    if profile is None:
         out.update(tflops_per_step=None, tflops_parts=None, achieved_tflops=None, peak_tflops=None, mfu=None)
     else:
-        out.update(_flops_report(cfg, model, module.distill, out["ms_per_step_median"], device, precision))
-    distill = module.distill
+        out.update(_flops_report(cfg, model, profile["distill"], profile["train_mode"], out["ms_per_step_median"],
+                                 device, precision))
+    distill = profile["distill"] if profile else None
     settings = {**asdict(cfg), "model": model, "precision": precision,
-                "text_mode": distill.text_mode if distill.active else None}
+                "text_mode": distill.text_mode if distill is not None and distill.active else None}
     return {"bench": "step", **out, **device_info(device), "settings": settings}
 
 
-def _flops_report(cfg: StepBench, model: str, distill, ms: float, device: torch.device, precision: str) -> dict[str, Any]:
+def _flops_report(cfg: StepBench, model: str, distill, train_mode: str, ms: float, device: torch.device, precision: str) -> dict[str, Any]:
     """Analytic TFLOP per step, achieved TFLOP/s and MFU (nulls where the count or the peak is unknown)."""
     from zscl.bench.flops import FlopsUnsupported, step_flops
 
     try:
         flops = step_flops(model, batch=cfg.batch, ref_batch=cfg.ref_batch, classes=cfg.classes,
-                           ref_texts=cfg.ref_texts, distill=distill.active, train_mode=cfg.train_mode,
+                           ref_texts=cfg.ref_texts, distill=distill.active, train_mode=train_mode,
                            text_mode=distill.text_mode, text_batch=distill.text_batch).as_dict()
     except FlopsUnsupported:
         flops = None

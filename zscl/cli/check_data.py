@@ -41,18 +41,19 @@ def _sets_distill(config: str) -> bool:
 
 def needs_reference(cfg: Any, configs: Optional[list[str]] = None) -> bool:
     """Whether the run reads reference images: its method distils (or, without a method config, maybe)."""
-    from zscl.methods.config import Distillation
+    from zscl.methods.classes import DEFAULT, model_class
 
-    distill = cfg.model.distill
-    if distill is not None:
-        return Distillation(**vars(distill)).active
+    model = cfg.model.as_dict() if hasattr(cfg.model, "as_dict") else dict(cfg.model)
+    if model_class(cfg.get("model_class") or DEFAULT).requires_reference(model):
+        return True
     return configs is not None and not any(_sets_distill(c) for c in configs)
 
 
 def run_check(cfg: Any, *, reference: bool, workers: int = 1, sample: int = 10000, progress: bool = True) -> list:
     """Check every image the run configured by ``cfg`` (a parsed ``zscl sequence`` config) would read."""
     from zscl.datasets import load_custom_datasets
-    from zscl.datasets.check import check_datasets, check_reference
+    from zscl.datasets.check import check_datasets
+    from zscl.reference.check import check_reference
     from zscl.reference import ReferenceImages
     from zscl.runner.configs import task_dataset
 
@@ -82,14 +83,14 @@ def main(argv: list[str]) -> int:
 
     args, rest = build_parser().parse_known_args(argv)
     with report_errors("zscl check-data") as status:
-        from zscl.cli.sequence import build_parser as sequence_parser
+        from zscl.runner.build import parse_run
         from zscl.runner.configs import resolve_config_args
 
         configs = [resolve_config_args(["--config", c])[1] for c in args.config]
         seq_argv = [a for c in configs for a in ("--config", c)] + rest
         if args.data_root is not None:
             seq_argv += ["--data.data_root", args.data_root]
-        cfg = sequence_parser().parse_args(seq_argv)
+        _, cfg = parse_run(seq_argv, prog="zscl check-data")
         reports = run_check(cfg, reference=needs_reference(cfg, configs), workers=args.workers, sample=args.sample,
                             progress=not args.no_progress)
         ok = print_report(reports)

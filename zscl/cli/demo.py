@@ -17,7 +17,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, default="runs/demo", help="output folder (reruns reuse finished work)")
     p.add_argument("--quick", action="store_true", help="small world, fewer steps, finetune + ZSCL only (< 90 s)")
     p.add_argument("--methods", type=Optional[str], default=None,
-                   help="comma-separated method names of configs/demo.yaml (default: its list)")
+                   help="comma-separated method names of configs/demo.yaml (default: its list) or paths of method "
+                        "configs (a method from your own package: its model_class must be importable)")
     p.add_argument("--ablations", action="store_true",
                    help="ZSCL's parts one at a time (finetune, distill, we, l2, zscl) instead of the paper's table")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")

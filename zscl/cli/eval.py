@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -49,21 +48,7 @@ def default_workers(most: int = 4) -> int:
     return max(1, min(most, cores))
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_amp(precision: str, device):
-    import torch
-
-    from zscl.evaluation.zeroshot import default_amp_dtype
-
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return default_amp_dtype(device) if precision == "auto" else table[precision]
+from zscl.evaluation.zeroshot import resolve_amp, resolve_device  # noqa: E402,F401  (names of this CLI)
 
 
 def parse_dataset_list(text: str) -> list[str]:
@@ -96,12 +81,9 @@ def run(cfg) -> dict:
     names = parse_dataset_list(cfg.datasets)
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.precision, device)
-    from zscl.moe.export import find_export
-
-    if find_export(cfg.pretrained):  # a MoE-Adapters export: the routed model, DDAS per image
-        from zscl.moe.evaluate import run_routed
-
-        return run_routed(cfg, names, device, amp)
+    method = _method_export(cfg.pretrained)
+    if method is not None:  # a method with its own inference (routing, prompts, heads): rebuilt from its export
+        return _run_method(method, cfg, names, device, amp)
     bundle = load_clip(cfg.model, cfg.pretrained, device=device)
     results = {}
     for name in names:
@@ -112,6 +94,30 @@ def run(cfg) -> dict:
         )
         results[name] = {"classes": classes, **acc.as_dict()}
     return {"model": bundle.name, "pretrained": cfg.pretrained, "split": cfg.split, "results": results}
+
+
+def _method_export(pretrained: Optional[str]):
+    """The method class of an export whose inference is more than its CLIP's zero-shot head, else None."""
+    from zscl.methods.base import method_of_export
+
+    if not pretrained or not Path(pretrained).is_file():
+        return None
+    cls = method_of_export(pretrained)
+    return None if cls.plain_clip_evaluation else cls
+
+
+def _run_method(cls, cfg, names: list[str], device, amp) -> dict:
+    from zscl.evaluation.methods import evaluate_module
+
+    module = cls.load_export(cfg.pretrained, clip=cfg.model).to(device)
+    results = {}
+    for name in names:
+        acc, classes, extras = evaluate_module(module, name, cfg.data_root, split=cfg.split, batch_size=cfg.batch_size,
+                                               num_workers=cfg.num_workers, amp_dtype=amp, cache=cfg.cache,
+                                               cache_dir=cfg.cache_dir, progress=cfg.progress)
+        results[name] = {"classes": classes, **acc.as_dict(), **extras}
+    return {"model": module.bundle.name, "pretrained": cfg.pretrained, "split": cfg.split, "results": results,
+            "method": f"{cls.__module__}.{cls.__qualname__}", "method_summary": module.describe()}
 
 
 def main(argv: list[str]) -> int:

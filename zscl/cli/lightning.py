@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,16 +24,17 @@ class ZSCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from zscl.methods.classes import DEFAULT
 
-        from zscl.runner.sequence import Continual
+        from zscl.runner.hooks import Continual
 
         parser.add_argument("--model_class", type=str, default=DEFAULT, help="LightningModule of the method (methods.classes)")
+        parser.add_argument("--name", type=Optional[str], default=None, help="the method's name (declared by method configs)")
         # Method configs that chain tasks (iCaRL's memory, merge-based methods) carry a ``continual:``
         # section for `zscl sequence`. One task has no chain, so `zscl fit` accepts and ignores it:
         # iCaRL's exemplars then come from --data.reference_images.path (a memory file of a sequence run).
         parser.add_class_arguments(Continual, "continual")
 
     def instantiate_trainer(self, **kwargs):
-        from zscl.runner.progress import AtomicCheckpointIO
+        from zscl.utils.checkpoint_io import AtomicCheckpointIO
 
         from zscl.runner.signals import cluster_plugins
 
@@ -68,8 +70,8 @@ def _run(subcommand: str, argv: list[str]) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zscl.cli.errors import report_errors
-    from zscl.cli.quiet import quiet_lightning
-    from zscl.cli.sequence import bad_image_flags, trainer_defaults
+    from zscl.utils.quiet import quiet_lightning
+    from zscl.runner.build import bad_image_flags, trainer_defaults
     from zscl.methods import ContinualDataModule
     from zscl.methods.classes import model_class, model_class_from_args
     from zscl.runner.configs import resolve_config_args

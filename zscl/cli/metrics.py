@@ -64,13 +64,14 @@ def _plot(m: AccuracyMatrix, folder: Path, title: str) -> list[Path]:
 
 def _cil(file: str, as_json: bool) -> int | None:
     """Class-incremental results (``"setting": "cil"``): Avg and Last over the steps; None otherwise."""
-    from zscl.evaluation.incremental import IncrementalCurve, format_cil_table, setting_of, summarize_cil
+    from zscl.evaluation.incremental import IncrementalCurve, format_cil_table, summarize_cil
+    from zscl.settings import result_kind
 
     try:
         res = json.loads(Path(file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None  # the matrix reader explains what is wrong with the file
-    if not isinstance(res, dict) or setting_of(res) != "cil":
+    if not isinstance(res, dict) or result_kind(res) != "curve":
         return None
     try:
         curve = IncrementalCurve.from_results(res)

@@ -20,6 +20,7 @@ import os
 import struct
 import sys
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
 from PIL import Image
@@ -184,14 +185,6 @@ class ReportingLoader:
         self.log.merge(state.get("unreadable", {}))
 
 
-def reporting_loader(stream: IterableDataset, records: list[tuple[str, str]], log: BadImageLog, name: str,
-                     num_workers: int = 0, pin_memory: bool = False) -> ReportingLoader:
-    """The loader of a batch stream whose unreadable images end up in ``log`` (see the module docstring)."""
-    from zscl.datasets.streams import stream_loader
-
-    return ReportingLoader(stream_loader(ReportUnreadable(stream, records), num_workers, pin_memory), log, name)
-
-
 class UnreadableTestImagesError(ValueError):
     """Evaluation sets with unreadable images: all of them, in one message.
 
@@ -210,9 +203,31 @@ class UnreadableTestImagesError(ValueError):
 def find_unreadable(dataset: Dataset, num_workers: int = 1, progress: bool = False,
                     desc: str = "checking images") -> list[tuple[int, str, str]]:
     """``(index, path, reason)`` of the items of ``dataset`` whose image file does not decode."""
-    from zscl.datasets.check import decode_all
-
     paths = [(i, image_path(dataset, i)) for i in range(len(dataset))]  # type: ignore[arg-type]
     files = [(i, p) for i, p in paths if p is not None]
     results = decode_all([p for _, p in files], num_workers, progress, desc)
     return [(i, path, reason) for (i, _), (path, mode, reason) in zip(files, results) if mode is None]
+
+
+def decode(path: str) -> tuple[str, Optional[str], str]:
+    """``(path, mode, "")`` if the file decodes to RGB as the readers decode it, else ``(path, None, reason)``."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            img.convert("RGB")  # a full decode, as torchvision's pil_loader and zscl's load_rgb do
+        return path, mode, ""
+    except UNREADABLE as err:
+        return path, None, describe(err, path)
+
+
+def decode_all(paths: Sequence[str], workers: int = 1, progress: bool = True,
+               desc: str = "decoding") -> list[tuple[str, Optional[str], str]]:
+    """:func:`decode` of every path, in ``workers`` processes, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = dict(total=len(paths), desc=desc, disable=not progress, leave=False, unit="img")
+    if workers <= 1 or len(paths) < 64:
+        return [decode(p) for p in tqdm(paths, **bar)]
+    chunk = max(1, min(256, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(decode, paths, chunksize=chunk), **bar))

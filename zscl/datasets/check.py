@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import io
 import math
-import random
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from PIL import Image
 
-from zscl.datasets.badimages import UNREADABLE, describe, image_path
+from zscl.datasets.badimages import UNREADABLE, decode, decode_all, describe, image_path  # noqa: F401  (decode: API)
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
@@ -47,31 +45,7 @@ class SplitReport:
         return len(self.unreadable) + len(self.missing_classes) + (self.missing is not None)
 
 
-def decode(path: str) -> tuple[str, Optional[str], str]:
-    """``(path, mode, "")`` if the file decodes to RGB as the readers decode it, else ``(path, None, reason)``."""
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            img.convert("RGB")  # a full decode, as torchvision's pil_loader and zscl's load_rgb do
-        return path, mode, ""
-    except UNREADABLE as err:
-        return path, None, describe(err, path)
-
-
-def decode_all(paths: Sequence[str], workers: int = 1, progress: bool = True,
-               desc: str = "decoding") -> list[tuple[str, Optional[str], str]]:
-    """:func:`decode` of every path, in ``workers`` processes, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    bar = dict(total=len(paths), desc=desc, disable=not progress, leave=False, unit="img")
-    if workers <= 1 or len(paths) < 64:
-        return [decode(p) for p in tqdm(paths, **bar)]
-    chunk = max(1, min(256, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(decode, paths, chunksize=chunk), **bar))
-
-
-def _tally(report: SplitReport, results: Iterable[tuple[str, Optional[str], str]]) -> SplitReport:
+def tally(report: SplitReport, results: Iterable[tuple[str, Optional[str], str]]) -> SplitReport:
     modes: Counter = Counter()
     for path, mode, reason in results:
         report.checked += 1
@@ -99,7 +73,7 @@ def check_split(name: str, data_root: str | Path, split: str, workers: int = 1, 
     files = [p for p in paths if p is not None]
     if len(files) < len(paths):
         report.note = "images stored in arrays, not files: nothing to decode"
-    return _tally(report, decode_all(files, workers, progress, f"{spec.name}/{split}"))
+    return tally(report, decode_all(files, workers, progress, f"{spec.name}/{split}"))
 
 
 def _classes_seen(name: str, data_root: str | Path, split: str) -> set[int]:
@@ -127,28 +101,6 @@ def check_datasets(train: Sequence[str], test: Sequence[str], data_root: str | P
             found[0].missing_classes = [c for i, c in enumerate(spec.classnames) if i not in seen]
         reports += found
     return reports
-
-
-def check_reference(cfg: Any, data_root: str | Path, sample: int = 10000, workers: int = 1,
-                    progress: bool = True) -> SplitReport:
-    """Check ZSCL's reference images (a :class:`~zscl.reference.ReferenceImages`); large pools are sampled."""
-    from zscl.reference.images import _reference_files, resolve
-
-    report = SplitReport(f"reference {cfg.source} {cfg.path}", "reference")
-    if cfg.source == "wds":
-        return check_shards(report, str(resolve(cfg.path, data_root)), sample, progress)
-    try:
-        pool = _reference_files(cfg, data_root, None)
-    except (OSError, ValueError) as err:
-        report.missing = str(err)
-        return report
-    report.files = len(pool)  # type: ignore[arg-type]
-    chosen = range(report.files)
-    if sample and report.files > sample:
-        chosen = sorted(random.Random(0).sample(range(report.files), sample))
-        report.note = f"checked a random sample of {sample} of {report.files} images (--sample)"
-    paths = [p for p in (image_path(pool, i) for i in chosen) if p is not None]
-    return _tally(report, decode_all(paths, workers, progress, "reference images"))
 
 
 def check_shards(report: SplitReport, pattern: str, sample: int, progress: bool = True) -> SplitReport:
@@ -226,5 +178,5 @@ def report_json(reports: Sequence[SplitReport]) -> dict[str, Any]:
             "splits": [asdict(r) for r in reports]}
 
 
-__all__: list[str] = ["SplitReport", "check_datasets", "check_reference", "check_split", "decode", "decode_all",
-                      "format_report", "report_json", "verdict"]
+__all__: list[str] = ["SplitReport", "check_datasets", "check_shards", "check_split", "decode", "decode_all",
+                      "format_report", "report_json", "tally", "verdict"]

@@ -221,3 +221,17 @@ def source_fingerprint(ds: Any) -> str:
             return ""
         ds = inner
     return ""
+
+
+class DropLabels(Dataset):
+    """A labelled dataset seen as images only."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.excluded = getattr(dataset, "excluded", [])  # a cached pool's unreadable images, left out
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i][0]

@@ -1,6 +1,6 @@
 """The dataset registry: name -> :class:`DatasetSpec` (class names, prompt templates, builder).
 
-Built-in entries (the MTIL datasets, CIFAR10, ImageNet, TinyImageNet, and the synthetic tasks) are registered
+Built-in entries (the MTIL datasets, CIFAR10, ImageNet, TinyImageNet) and plugins' (:mod:`zscl.plugins`: the synthetic tasks) are registered
 on first lookup; user datasets come from config through :func:`zscl.datasets.register_custom`.
 """
 
@@ -35,7 +35,7 @@ Builder = Callable[[Path, str, Optional[Callable]], Dataset]
 
 # Modules holding built-in datasets. Each is imported on first registry use; if it defines
 # ``register_datasets()``, that is called (registration reads data files, so it is not done at import).
-BUILTIN_MODULES = ("zscl.datasets.mtil", "zscl.datasets.tinyimagenet", "zscl.synthetic.tasks")
+BUILTIN_MODULES = ("zscl.datasets.mtil", "zscl.datasets.tinyimagenet")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ def _load_builtins() -> None:
         register = getattr(module, "register_datasets", None)
         if callable(register):
             register()
+    from zscl.plugins import load_plugins  # plugins' datasets (the synthetic world's tasks, users' packages)
+
+    load_plugins()
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", loader=_load_builtins)

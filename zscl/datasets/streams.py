@@ -27,10 +27,13 @@ image is appended to ``stream.unreadable``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+
+if TYPE_CHECKING:  # pragma: no cover
+    from zscl.datasets.badimages import BadImageLog, ReportingLoader
 
 
 def mix_seed(*parts: int) -> int:
@@ -161,3 +164,11 @@ class ShardedEval(IterableDataset):
         getter = getattr(self.dataset, "get_batch", None)
         for r in self.batch_ranges()[worker::workers]:
             yield getter(r) if getter is not None else self.collate([self.dataset[i] for i in r])
+
+
+def reporting_loader(stream: IterableDataset, records: list[tuple[str, str]], log: "BadImageLog", name: str,
+                     num_workers: int = 0, pin_memory: bool = False) -> "ReportingLoader":
+    """The loader of a batch stream whose unreadable images end up in ``log`` (see the module docstring)."""
+    from zscl.datasets.badimages import ReportingLoader, ReportUnreadable
+
+    return ReportingLoader(stream_loader(ReportUnreadable(stream, records), num_workers, pin_memory), log, name)

@@ -19,15 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from zscl.evaluation.incremental import CilRun, check_cil_comparable, cil_published_rows, cil_run, cil_summary_rows, setting_of
+from zscl.evaluation.incremental import CurveRun, check_curves_comparable, curve_published_rows, curve_run, curve_summary_rows
 from zscl.evaluation.metrics import AccuracyMatrix, MatrixError, summarize
+from zscl.evaluation.published import (  # noqa: F401  (names of this module before the split)
+    CompareError,
+    Delta,
+    load_published,
+    published_matrix,
+    published_names,
+    published_row,
+)
+from zscl.settings import result_kind, setting_of
 
 Format = Literal["md", "csv", "latex"]
 METRICS = (("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last"))
-
-
-class CompareError(ValueError):
-    """Runs that cannot be compared, or a run/published table that cannot be read."""
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Run:
     matrix: AccuracyMatrix
     summary: dict[str, Any] = field(init=False)
     path: Optional[Path] = None
+    setting: str = "mtil"
 
     def __post_init__(self) -> None:
         self.summary = summarize(self.matrix)
@@ -55,9 +61,9 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Run:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CompareError(f"{file}: cannot be read as JSON ({err})") from None
     name = label or res.get("method") or (p.name if p.is_dir() else p.parent.name)
-    if setting_of(res) == "cil":  # class-incremental: a per-step curve, not a matrix
+    if result_kind(res) == "curve":  # e.g. class-incremental: a per-step curve, not a matrix
         try:
-            return cil_run(res, file, str(name))
+            return curve_run(res, file, str(name))
         except (ValueError, MatrixError) as err:
             raise CompareError(str(err) if str(file) in str(err) else f"{file}: {err}") from None
     for key in ("datasets", "accuracy"):
@@ -70,7 +76,7 @@ def load_run(path: str | Path, label: Optional[str] = None) -> Run:
         matrix = AccuracyMatrix(res["datasets"], res["accuracy"], res.get("zero_shot"))
     except MatrixError as err:
         raise CompareError(f"{file}: {err}") from None
-    return Run(str(name), str(res.get("benchmark", "custom")), matrix, path=file)
+    return Run(str(name), str(res.get("benchmark", "custom")), matrix, path=file, setting=setting_of(res))
 
 
 def check_comparable(runs: Sequence[Run]) -> None:
@@ -89,41 +95,6 @@ def check_comparable(runs: Sequence[Run]) -> None:
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise CompareError(f"several runs are labelled {', '.join(map(repr, dupes))}; give each a distinct --label")
-
-
-# -- published tables -------------------------------------------------------------------------
-
-
-def published_names() -> list[str]:
-    from zscl.resources import data_dir
-
-    return sorted(p.stem for p in (data_dir() / "published").glob("*.json"))
-
-
-def load_published(name: str) -> dict[str, Any]:
-    """A shipped published table by benchmark name, or a JSON file of the same format."""
-    from zscl.resources import data_dir
-
-    path = Path(name) if name.endswith(".json") else data_dir() / "published" / f"{name}.json"
-    if not path.is_file():
-        raise CompareError(f"no published table {name!r}; shipped: {', '.join(published_names())}, or a JSON file")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def published_row(table: dict[str, Any], label: str) -> Optional[dict[str, Any]]:
-    """The published entry whose config name or method name matches ``label`` (case-insensitive)."""
-    key = label.lower()
-    for entry in table["results"]:
-        if key in (str(entry.get("config", "")).lower(), str(entry["method"]).lower()):
-            return entry
-    return None
-
-
-def published_matrix(entry: dict[str, Any], table: dict[str, Any]) -> Optional[AccuracyMatrix]:
-    if entry.get("accuracy") is None:
-        return None
-    zs = table.get("zero_shot_clip")
-    return AccuracyMatrix(entry["datasets"], entry["accuracy"], zs)
 
 
 # -- tables -----------------------------------------------------------------------------------
@@ -145,10 +116,6 @@ def _cell(x: Any) -> str:
     if x is None:
         return "–"
     return f"{x:+.1f}" if isinstance(x, Delta) else (f"{x:.1f}" if isinstance(x, float) else str(x))
-
-
-class Delta(float):
-    """A float printed with its sign (ours − published)."""
 
 
 def _markdown(t: Table) -> str:
@@ -258,10 +225,10 @@ def write_plots(runs: Sequence[Run], out: Path, title: str = "") -> list[Path]:
     """metrics.png (bars + zero-shot line), transfer_curves.png, heatmaps.png under ``out``."""
     from zscl.evaluation.plots import plot_heatmap_grid, plot_metric_bars, plot_transfer_curve
 
-    if runs and isinstance(runs[0], CilRun):
-        from zscl.evaluation.incremental import write_cil_plots
+    if runs and isinstance(runs[0], CurveRun):
+        from zscl.evaluation.incremental import write_curve_plots
 
-        return write_cil_plots(runs, out, title)
+        return write_curve_plots(runs, out, title)
     out.mkdir(parents=True, exist_ok=True)
     first = runs[0].summary
     zero = {"transfer": first.get("zero_shot_transfer"), "avg": first.get("zero_shot_avg"), "last": first.get("zero_shot_avg")}
@@ -281,17 +248,17 @@ def compare(paths: Sequence[str], labels: Optional[Sequence[str]] = None, publis
     if len(labels) > len(paths):
         raise CompareError(f"{len(labels)} labels for {len(paths)} runs")
     runs = [load_run(p, labels[i] if i < len(labels) else None) for i, p in enumerate(paths)]
-    settings = {"cil" if isinstance(r, CilRun) else "mtil" for r in runs}
+    settings = {r.setting for r in runs}
     if len(settings) > 1:
-        raise CompareError("cannot compare MTIL runs with class-incremental (CIL) runs: their metrics differ "
-                           "(Transfer/Avg/Last of a task matrix vs Avg/Last over class steps); compare each kind apart")
+        raise CompareError(f"cannot compare runs of different settings ({', '.join(sorted(settings))}): their metrics "
+                           "and test protocols differ; compare each setting apart")
     name = published or (runs[0].benchmark if runs and runs[0].benchmark in published_names() else None)
     table = load_published(name) if name else None
-    if table is not None and runs and setting_of(table) not in settings:
+    if table is not None and runs and result_kind(table) != _kind(runs[0]):
         raise CompareError(f"the published table {name!r} is a {setting_of(table).upper()} table but the runs are "
                            f"{settings.pop().upper()} runs; choose the matching --published table")
-    if settings == {"cil"} or (not runs and table is not None and setting_of(table) == "cil"):
-        return runs, table, _cil_tables(runs, table)
+    if (runs and _kind(runs[0]) == "curve") or (not runs and table is not None and result_kind(table) == "curve"):
+        return runs, table, _curve_tables(runs, table)
     if runs:
         check_comparable(runs)
     if table is not None and runs:
@@ -302,18 +269,22 @@ def compare(paths: Sequence[str], labels: Optional[Sequence[str]] = None, publis
     return runs, table, comparison_tables(runs, table, per_dataset)
 
 
-def _cil_tables(runs: Sequence[CilRun], table: Optional[dict[str, Any]]) -> list[Table]:
+def _kind(run: Run) -> str:
+    return "curve" if isinstance(run, CurveRun) else "matrix"
+
+
+def _curve_tables(runs: Sequence[CurveRun], table: Optional[dict[str, Any]]) -> list[Table]:
     """Class-incremental runs: methods x Avg / Last (and the paper beside them); or the paper's table."""
     if runs:
         try:
-            check_cil_comparable(runs)
+            check_curves_comparable(runs)
         except ValueError as err:
             raise CompareError(str(err)) from None
         labels = [r.label for r in runs]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise CompareError(f"several runs are labelled {', '.join(map(repr, dupes))}; give each a distinct --label")
-        header, rows = cil_summary_rows(runs, table)
+        header, rows = curve_summary_rows(runs, table)
         return [Table(header, rows, "class-incremental Avg / Last (%)")]
-    header, rows = cil_published_rows(table)
+    header, rows = curve_published_rows(table)
     return [Table(header, rows, f"published: {table.get('benchmark', '')}")]

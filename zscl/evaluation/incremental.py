@@ -9,7 +9,7 @@ iCaRL's "average incremental accuracy"):
 
 A run's results.json (``"setting": "cil"``) holds, per step, ``accuracy`` (a_t), ``seen_classes``
 and ``per_class_accuracy`` (aligned with ``seen_classes``). MTIL accuracy matrices are another
-kind of result; the two are never mixed (:func:`setting_of`).
+kind of result; the two are never mixed (:func:`zscl.settings.result_kind`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ from typing import Any, Optional, Sequence
 from zscl.evaluation.metrics import MatrixError, _percent
 
 METRICS = (("avg", "Avg"), ("last", "Last"))
-
-
-def setting_of(results: dict[str, Any]) -> str:
-    """``"cil"`` for class-incremental results, else ``"mtil"`` (the default of older files)."""
-    return str(results.get("setting") or "mtil")
 
 
 @dataclass
@@ -86,7 +81,7 @@ def format_cil_table(curve: IncrementalCurve, summary: dict[str, Any]) -> str:
 
 
 @dataclass
-class CilRun:
+class CurveRun:
     """One finished class-incremental run (``zscl compare`` of CIL runs)."""
 
     label: str
@@ -95,21 +90,22 @@ class CilRun:
     classes: list[list[int]]
     summary: dict[str, Any] = field(init=False)
     path: Optional[Path] = None
+    setting: str = "cil"
 
     def __post_init__(self) -> None:
         self.summary = summarize_cil(self.curve)
 
 
-def cil_run(res: dict[str, Any], file: Path, label: str) -> CilRun:
+def curve_run(res: dict[str, Any], file: Path, label: str) -> CurveRun:
     """A complete CIL run from its results.json content; ValueError if incomplete or malformed."""
     done, total = len(res.get("accuracy") or []), len(res.get("step_classes") or [])
     if done != total or not total:
         raise ValueError(f"{file}: the run is incomplete ({done} of {total} steps); rerun its command to finish it")
-    return CilRun(label, str(res.get("benchmark", "custom")), IncrementalCurve.from_results(res),
-                  res["step_classes"], path=file)
+    return CurveRun(label, str(res.get("benchmark", "custom")), IncrementalCurve.from_results(res),
+                  res["step_classes"], path=file, setting=str(res.get("setting") or "cil"))
 
 
-def check_cil_comparable(runs: Sequence[CilRun]) -> None:
+def check_curves_comparable(runs: Sequence[CurveRun]) -> None:
     first = runs[0]
     for run in runs[1:]:
         if run.benchmark != first.benchmark or run.classes != first.classes:
@@ -117,11 +113,11 @@ def check_cil_comparable(runs: Sequence[CilRun]) -> None:
                              f"but {run.label!r} is {run.benchmark!r} (or their class steps differ)")
 
 
-def cil_summary_rows(runs: Sequence[CilRun], published: Optional[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+def curve_summary_rows(runs: Sequence[CurveRun], published: Optional[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Methods x Avg / Last, with the published row and Δ = ours − published where known.
 
     A published value that is unknown is ``null`` in the table file and stays empty here."""
-    from zscl.evaluation.compare import Delta, published_row
+    from zscl.evaluation.published import Delta, published_row
 
     header = ["method", *(t for _, t in METRICS)]
     if published is not None:
@@ -141,7 +137,7 @@ def cil_summary_rows(runs: Sequence[CilRun], published: Optional[dict[str, Any]]
     return header, rows
 
 
-def cil_published_rows(published: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+def curve_published_rows(published: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     header = ["method", *(t for _, t in METRICS), "source"]
     rows = [[e["method"], *(_value(e["published"].get(k)) for k, _ in METRICS), e.get("source", "")]
             for e in published["results"]]
@@ -152,7 +148,7 @@ def _value(x: Any) -> Optional[float]:
     return None if x is None else float(x)
 
 
-def write_cil_plots(runs: Sequence[CilRun], out: Path, title: str = "") -> list[Path]:
+def write_curve_plots(runs: Sequence[CurveRun], out: Path, title: str = "") -> list[Path]:
     """accuracy_per_step.png (every run's a_t against the number of seen classes) under ``out``."""
     import matplotlib
 
@@ -179,3 +175,8 @@ def write_cil_plots(runs: Sequence[CilRun], out: Path, title: str = "") -> list[
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
+
+
+# names of these before settings became a registry (a curve of per-step accuracies is what CIL records)
+CilRun, cil_run, check_cil_comparable = CurveRun, curve_run, check_curves_comparable
+cil_summary_rows, cil_published_rows, write_cil_plots = curve_summary_rows, curve_published_rows, write_curve_plots

@@ -52,6 +52,19 @@ def default_amp_dtype(device: torch.device | str) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; anything else as ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """``auto`` | ``fp32`` | ``bf16`` | ``fp16`` -> the autocast dtype (``auto``: bf16 on GPUs that have it)."""
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return default_amp_dtype(device) if precision == "auto" else table[precision]
+
+
 def fill_template(template: str, classname: str) -> str:
     return template.replace("{c}", classname)
 
@@ -116,7 +129,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from zscl.evaluation.cache import normalize_images
+    from zscl.datasets.pixels import normalize_images
 
     device = torch.device(device)
     counts = torch.zeros(2, dtype=torch.long, device=device)
@@ -162,7 +175,7 @@ def dataset_batches(
     from zscl.datasets.badimages import UnreadableTestImagesError
     from zscl.datasets.streams import ShardedEval, stream_loader
     from zscl.datasets.views import view_of
-    from zscl.evaluation.cache import cached_dataset
+    from zscl.datasets.cache import cached_dataset
 
     mean = std = None
     view = view_of(name)

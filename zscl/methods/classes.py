@@ -14,10 +14,11 @@ import importlib
 
 import yaml
 
+from zscl.plugins import load_plugins
 from zscl.registry import Registry
 
 DEFAULT = "continual_clip"
-MODEL_CLASSES: Registry[str] = Registry("model class")
+MODEL_CLASSES: Registry[str] = Registry("model class", loader=load_plugins)  # + plugins' methods
 MODEL_CLASSES.register("continual_clip", "zscl.methods.module.ContinualCLIP")
 MODEL_CLASSES.register("moe_adapters", "zscl.moe.module.MoEAdapterCLIP")
 

@@ -33,9 +33,9 @@ from zscl.datasets.badimages import (
     SafeImages,
     UnreadableImageError,
     UnreadableTestImagesError,
-    reporting_loader,
+
 )
-from zscl.datasets.streams import StepBatchStream
+from zscl.datasets.streams import StepBatchStream, reporting_loader
 from zscl.reference import ReferenceImages, ReferenceTexts, reference_image_dataset, reference_text_tokens, reference_wds_stream
 from zscl.reference.images import for_task as images_for_task
 from zscl.reference.texts import for_task as texts_for_task
@@ -111,7 +111,7 @@ class ContinualDataModule(L.LightningDataModule):
     def _uint8(transform):
         """The transform minus ToTensor/Normalize: batches travel as uint8 (4x less host-to-device
         traffic) and the module normalises them on the device, bit-identically."""
-        from zscl.evaluation.cache import split_normalize
+        from zscl.datasets.cache import split_normalize
 
         try:
             return split_normalize(transform)[0]

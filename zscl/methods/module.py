@@ -34,88 +34,68 @@ import torch
 import torch.nn.functional as F
 
 from zscl.datasets.streams import mix_seed
-from zscl.evaluation.cache import normalize_images
-from zscl.evaluation.zeroshot import Accuracy, build_classifier, encode_texts, image_logits, topk_correct
+from zscl.evaluation.zeroshot import encode_texts
+from zscl.methods.base import CLIPMethod
 from zscl.methods.config import Distillation, Speed, resolve_auto
-from zscl.methods.losses import (
-    add_weight_constraint_grad_,
-    cosine_warmup_factor,
-    distillation_logits,
-    kd_loss,
-    weight_constraint,
-)
+from zscl.methods.losses import add_weight_constraint_grad_, distillation_logits, kd_loss, weight_constraint
 
 
-class ContinualCLIP(L.LightningModule):
+class ContinualCLIP(CLIPMethod):
     """Fine-tunes an open_clip CLIP on one task of a continual sequence (finetune / ZSCL / ablations).
 
     Args:
-        clip: open_clip architecture name (or an OpenAI JIT file).
-        pretrained: the *initial* weights: open_clip tag or local file (ZSCL's teacher).
-        init_from: weights to start this task from (the previous task's export); default: ``pretrained``.
         train_mode: which tower trains: ``whole`` (paper), ``image`` or ``text``.
-        lr, weight_decay, betas: AdamW (reference: lr 1e-5, 5e-5 for Aircraft/MNIST; wd 0; (0.9, 0.999)).
-        warmup_steps: linear warm-up, then cosine to 0 at ``trainer.max_steps``, stepped per iteration.
-        label_smoothing: of the task cross-entropy (reference: 0.2).
         distill: ZSCL distillation (off by default: plain fine-tuning).
         weight_constraint: lambda of WC (reference ``--l2 1``); 0 = off.
         averaging: averaging callbacks by name, e.g. ``[{"name": "we", "every": 100}]`` (ZSCL's WE).
-        speed: fast-path switches (all on for CUDA by default).
-        export_path: write the final (averaged) weights here as safetensors after training.
-        nan_check_every: check for a non-finite loss every N steps (a host sync; not every step).
+        **kwargs: :class:`~zscl.methods.base.CLIPMethod`'s arguments. The reference's values: AdamW lr 1e-5
+            (5e-5 for Aircraft/MNIST), wd 0, betas (0.9, 0.999); 100 warm-up steps; label smoothing 0.2.
+            ``pretrained`` is ZSCL's teacher (the *initial* weights).
     """
 
     def __init__(
         self,
-        clip: str = "ViT-B-16",
-        pretrained: Optional[str] = "openai",
-        init_from: Optional[str] = None,
         train_mode: Literal["whole", "image", "text"] = "whole",
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 100,
-        label_smoothing: float = 0.2,
         distill: Optional[Distillation] = None,
         weight_constraint: float = 0.0,
         averaging: Optional[list[dict[str, Any]]] = None,
-        speed: Optional[Speed] = None,
-        export_path: Optional[str] = None,
-        nan_check_every: int = 50,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        from zscl.models import load_clip, load_weights, select_trainable
+        from zscl.models import select_trainable
 
-        self.save_hyperparameters()
         self.distill = distill or Distillation()
-        self.speed = speed or Speed()
-        # Plain dicts in hparams keep Lightning checkpoints loadable with torch.load(weights_only=True).
-        self.hparams["distill"], self.hparams["speed"] = asdict(self.distill), asdict(self.speed)
         self.averaging = list(averaging or [])
         self._check_averaging_specs()
-        bundle = load_clip(clip, pretrained)
-        self.bundle = bundle
-        self.clip = bundle.model.train()  # load_clip returns eval mode; Lightning switches for evaluation
-        self._initial_cpu = None if pretrained is not None else {k: v.detach().clone() for k, v in self.clip.named_parameters()}
-        if self.distill.active and self.distill.teacher == "initial":
-            self._set_teacher()  # before init_from is loaded: the initial CLIP
-        if init_from:
-            load_weights(self.clip, init_from, arch=bundle.name)
+        super().__init__(**kwargs)
+        # Plain dicts in hparams keep Lightning checkpoints loadable with torch.load(weights_only=True).
+        self.hparams["distill"], self.hparams["speed"] = asdict(self.distill), asdict(self.speed)
         if self.distill.active and self.distill.teacher == "task_start":
             self._set_teacher()  # after init_from is loaded: the previous task's final model
         elif not self.distill.active:
             object.__setattr__(self, "teacher", None)
         self.trainable = select_trainable(self.clip, train_mode)
-        self._trainable_names = [n for n, _ in self.trainable]
         # Task-start weights: WC's anchor and the averaging callbacks' first member.
         self.anchors = [p.detach().clone() for _, p in self.trainable]
-        self.eval_results: dict[str, Accuracy] = {}
-        self.eval_per_class: dict[str, list[list[int]]] = {}
         self.ref_text_emb: Optional[torch.Tensor] = None
         self.ref_text_tokens: Optional[torch.Tensor] = None
         self.class_tokens: Optional[torch.Tensor] = None
         self.class_emb_frozen: Optional[torch.Tensor] = None
-        self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    def on_initial_clip(self) -> None:
+        # A random initialisation cannot be rebuilt from a name: keep it (the "initial" reference weights).
+        self._initial_cpu = (None if self.hparams.pretrained is not None
+                             else {k: v.detach().clone() for k, v in self.clip.named_parameters()})
+        if self.distill.active and self.distill.teacher == "initial":
+            self._set_teacher()  # before init_from is loaded: the initial CLIP
+
+    @classmethod
+    def requires_reference(cls, model_cfg: dict[str, Any]) -> bool:
+        distill = (model_cfg or {}).get("distill")
+        return distill is not None and Distillation(**dict(distill)).active
+
+    @classmethod
+    def evaluation_overrides(cls) -> dict[str, Any]:
+        return {"distill": None, "averaging": None}  # no teacher and no averaging needed to evaluate
 
     # ----------------------------------------------------------------- configuration
     def _set_teacher(self) -> None:
@@ -131,47 +111,27 @@ class ContinualCLIP(L.LightningModule):
                 raise ValueError(f"an averaging spec needs a 'name' (one of {AVERAGING_CALLBACKS.names()}), got {spec}")
             AVERAGING_CALLBACKS.get(spec["name"])  # unknown names fail here, before any training
 
-    def configure_callbacks(self) -> list[L.Callback]:
+    def method_callbacks(self) -> list[L.Callback]:
         from zscl.merging.callbacks import AVERAGING_CALLBACKS
-        from zscl.methods.guards import FiniteLossGuard
 
-        if self._trainer is not None and self.trainer.state.fn != "fit":
-            return []  # validate/test after fit: the fit's callbacks are already attached
-        callbacks: list[L.Callback] = [FiniteLossGuard(self.hparams.nan_check_every)]
-        for spec in self.averaging:
-            kwargs = {k: v for k, v in spec.items() if k != "name"}
-            callbacks.append(AVERAGING_CALLBACKS.get(spec["name"])(**kwargs))
-        return callbacks
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        steps = self.trainer.max_steps
-        if steps is None or steps <= 0:
-            raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
-        # The fused kernel exists for CUDA and CPU (on CPU it is ~10x faster than the per-tensor loop).
-        fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
-        opt = torch.optim.AdamW([p for _, p in self.trainable], lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay, fused=fused or None)
-        warmup = self.hparams.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cosine_warmup_factor(k, steps, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [AVERAGING_CALLBACKS.get(spec["name"])(**{k: v for k, v in spec.items() if k != "name"})
+                for spec in self.averaging]
 
     @property
     def needs_reference(self) -> bool:
         return self.distill.active
 
-    @property
-    def on_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    def analytic_step_profile(self) -> Optional[dict[str, Any]]:
+        return {"distill": self.distill, "train_mode": self.hparams.train_mode}
 
     # ----------------------------------------------------------------- set-up per task
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.anchors = [a.to(self.device) for a in self.anchors]
         dm = self.trainer.datamodule
-        tokens = self.bundle.tokenizer(dm.spec.prompts()).to(self.device)
-        self.class_tokens = tokens
         if self.hparams.train_mode == "image":
             with torch.no_grad():  # the text tower is frozen: its class embeddings are constant
-                self.class_emb_frozen = encode_texts(self.clip, tokens)
+                self.class_emb_frozen = encode_texts(self.clip, self.class_tokens)
         if self.distill.active:
             self._prepare_teacher(dm)
         if resolve_auto(self.speed.compile, self.on_cuda):
@@ -201,10 +161,10 @@ class ContinualCLIP(L.LightningModule):
             task = F.normalize(self.clip.encode_image(images), dim=-1)
             return task, (F.normalize(self.clip.encode_image(ref), dim=-1) if ref is not None else None)
 
-    def _class_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         if self.class_emb_frozen is not None:
             return self.class_emb_frozen
-        return F.normalize(self.clip.encode_text(self.class_tokens), dim=-1)
+        return super().class_features()
 
     def _teacher_features(self, ref: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -245,12 +205,12 @@ class ContinualCLIP(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, labels = batch["task"]
-        images = normalize_images(images, self.bundle.mean, self.bundle.std)  # loaders ship uint8
+        images = self.normalized(images)  # loaders ship uint8
         ref = batch.get("ref")
-        ref = normalize_images(ref, self.bundle.mean, self.bundle.std) if ref is not None else None
+        ref = self.normalized(ref) if ref is not None else None
         task_feats, ref_feats = self._image_features(images, ref if self.distill.active else None)
         scale = self.clip.logit_scale.exp().detach().float()
-        logits = scale * task_feats.float() @ self._class_features().float().t()
+        logits = scale * task_feats.float() @ self.class_features().float().t()
         parts = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)}
         if self.distill.active:
             parts.update(self._distillation(ref_feats, ref, scale))
@@ -258,7 +218,7 @@ class ContinualCLIP(L.LightningModule):
         if self.hparams.weight_constraint > 0 and not self._fold_wc():
             loss = loss + self.hparams.weight_constraint * _wc_autograd([p for _, p in self.trainable], self.anchors)
         self._nonfinite |= ~torch.isfinite(loss.detach())
-        self._log_parts(loss, parts)
+        self.log_parts(loss, parts)
         return loss
 
     def _fold_wc(self) -> bool:
@@ -271,27 +231,19 @@ class ContinualCLIP(L.LightningModule):
             accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
             add_weight_constraint_grad_([p for _, p in self.trainable], self.anchors, lam / accumulate)
 
-    def _log_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        """Loss parts to the loggers (``train/<part>``) and, under short names, the progress bar.
-
-        Only every ``log_every_n_steps``: reading a logged tensor is a host sync.
-        """
-        every = max(int(self.trainer.log_every_n_steps), 1)
-        if (self.global_step + 1) % every != 0:  # the steps on which Lightning writes to its loggers
-            return
-        logged = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
-        if self.hparams.weight_constraint > 0:
-            logged["wc"] = self.hparams.weight_constraint * weight_constraint([p for _, p in self.trainable], self.anchors)
-            if self._fold_wc():
-                logged["loss"] = logged["loss"] + logged["wc"]
-        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=1)
-        self.log_dict(logged, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+    def log_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        lam = self.hparams.weight_constraint
+        if lam > 0 and (self.global_step + 1) % max(int(self.trainer.log_every_n_steps), 1) == 0:
+            parts = {**parts, "wc": lam * weight_constraint([p for _, p in self.trainable], self.anchors)}
+            if self._fold_wc():  # the folded WC term is not in the returned loss: add it for the log
+                loss = loss + parts["wc"]
+        super().log_parts(loss, parts)
 
     # ----------------------------------------------------------------- weights for callbacks / export
     def reference_weights(self, kind: Literal["initial", "task_start"]) -> dict[str, torch.Tensor]:
         """fp32 parameters of the initial CLIP or of this task's starting point, by open_clip name."""
         if kind == "task_start":
-            start = dict(zip(self._trainable_names, self.anchors))
+            start = dict(zip(self.trainable_names, self.anchors))
             return {n: start.get(n, p.detach()).float() for n, p in self.clip.named_parameters()}
         if kind != "initial":
             raise ValueError(f"reference_weights: kind must be 'initial' or 'task_start', got {kind!r}")
@@ -301,66 +253,6 @@ class ContinualCLIP(L.LightningModule):
             model = load_clip(self.hparams.clip, self.hparams.pretrained).model
             self._initial_cpu = {k: v.detach() for k, v in model.named_parameters()}
         return {k: v.to(self.device).float() for k, v in self._initial_cpu.items()}
-
-    def export_weights(self, path: str) -> None:
-        """The student's open_clip state dict as safetensors (loadable by ``open_clip.create_model``)."""
-        from zscl.models import save_state_dict
-
-        if self._trainer is None or self._trainer.is_global_zero:
-            meta = {"clip": str(self.hparams.clip), "pretrained": str(self.hparams.pretrained)}
-            save_state_dict(self.clip.state_dict(), path, metadata=meta)
-
-    def on_train_end(self) -> None:
-        # Callbacks' on_train_end (averaging) has already run: this exports the averaged weights.
-        if self.hparams.export_path:
-            self.export_weights(self.hparams.export_path)
-
-    # ----------------------------------------------------------------- zero-shot evaluation
-    def on_validation_epoch_start(self) -> None:
-        from zscl.datasets import get_dataset
-
-        names = self.trainer.datamodule.eval_names
-        amp = torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else None
-        self._eval_names = list(names)
-        self._classifiers = [build_classifier(self.clip, self.bundle.tokenizer, get_dataset(n).classnames,
-                                              get_dataset(n).templates, device=self.device, amp_dtype=amp)
-                             for n in names]
-        self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
-        # Per class: [top-1 correct, images] (class-incremental results report per-class accuracy).
-        self._class_counts = [torch.zeros(w.shape[1], 2, dtype=torch.long, device=self.device) for w in self._classifiers]
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        images = normalize_images(images, self.bundle.mean, self.bundle.std)
-        logits = image_logits(self.clip, images, self._classifiers[dataloader_idx])
-        hits = topk_correct(logits, labels)
-        self._counts[dataloader_idx, :2] += hits
-        self._counts[dataloader_idx, 2] += len(labels)
-        per_class = self._class_counts[dataloader_idx]
-        per_class[:, 0].index_add_(0, labels, (logits.argmax(dim=1) == labels).long())
-        per_class[:, 1].index_add_(0, labels, torch.ones_like(labels))
-
-    def on_validation_epoch_end(self) -> None:
-        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 else self._counts
-        counts = counts.tolist()
-        self.eval_results = {n: Accuracy(*c) for n, c in zip(self._eval_names, counts)}
-        # A subclass with its own validation_step may not count per class (then there are none).
-        per_class = [self.trainer.strategy.reduce(c, reduce_op="sum") if self.trainer.world_size > 1 else c
-                     for c in getattr(self, "_class_counts", None) or []]
-        self.eval_per_class = {n: c.tolist() for n, c in zip(self._eval_names, per_class)}  # [[correct, n], ...]
-        for name, acc in self.eval_results.items():
-            # Already the all-ranks value (the counts are summed over ranks above): sync_dist=True declares it
-            # reduced, and with rank_zero_only Lightning runs no further collective on it.
-            self.log(f"val/{name}/top1", acc.top1, rank_zero_only=True, sync_dist=True, add_dataloader_idx=False)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.validation_step(batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:

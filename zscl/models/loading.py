@@ -36,16 +36,10 @@ _configs_added = False
 
 
 def _load_builtin_pretrained() -> None:
-    # The synthetic world's tiny CLIP ships inside the package; its path is resolved only when asked
-    # for. A registration made before the first lookup (e.g. by zscl.synthetic) is kept.
-    if "zscl-synth-tiny/synthetic" not in _PRETRAINED:
-        register_pretrained("zscl-synth-tiny", "synthetic", _synthetic_weights)
+    # Plugins register their weights (the synthetic world's tiny CLIP: zscl.synthetic.registration).
+    from zscl.plugins import load_plugins
 
-
-def _synthetic_weights() -> Path:
-    from zscl.synthetic.pretrain import synthetic_weights_path  # lazy: the synthetic package is optional here
-
-    return synthetic_weights_path()
+    load_plugins()
 
 
 # "<architecture>/<tag>" -> a path, or a callable returning one (resolved at load time).
@@ -93,6 +87,10 @@ def register_pretrained(model: str, tag: str, path: str | Path | Callable[[], Pa
     """Make ``load_clip(model, tag)`` load ``path`` (a callable is called at load time). Re-registering replaces."""
     value = path if callable(path) else Path(path)
     _PRETRAINED.register(f"{_normalise(model)}/{tag}", value, overwrite=True)
+
+
+def is_registered_pretrained(model: str, tag: str) -> bool:
+    return f"{_normalise(model)}/{tag}" in _PRETRAINED
 
 
 def _normalise(name: str) -> str:

@@ -219,11 +219,6 @@ class MoEAdapters(nn.Module):
         """Draw this step's gate noise and dropout from a generator seeded by ``seed``."""
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
     # ------------------------------------------------------------------ task bookkeeping
     def set_trainable(self, task: int) -> list[tuple[str, nn.Parameter]]:
         """``requires_grad`` on task ``task``'s router and noise and on the experts; the rest frozen.
@@ -251,9 +246,6 @@ class MoEAdapters(nn.Module):
                 order = torch.sort(block.usage, descending=True, stable=True).indices[:k]
                 block.frozen[order] = True
             block.usage.zero_()
-
-    def frozen_experts(self) -> dict[str, list[int]]:
-        return {name: torch.nonzero(b.frozen).flatten().tolist() for name, b in zip(self.names, self.blocks)}
 
 
 def _width(block: nn.Module) -> int:

@@ -1,5 +1,5 @@
-"""MoE-Adapters (Yu et al., CVPR 2024) as a LightningModule that shares ContinualCLIP's data,
-evaluation, checkpoints and runner.
+"""MoE-Adapters (Yu et al., CVPR 2024) on the method contract (:class:`~zscl.methods.base.CLIPMethod`):
+the shared data, optimiser, evaluation counters, checkpoints and runner.
 
 One task t trains only task t's routers and noise matrices, the experts not frozen by earlier
 tasks (:mod:`zscl.moe.adapters`) and task t's DDAS autoencoder (:mod:`zscl.moe.ddas`):
@@ -17,8 +17,8 @@ in :meth:`export_weights`. Everything (routers, frozen sets, usage counts, autoe
 calibration errors) is module state, so Lightning checkpoints resume bit-identically.
 
 Deviations (besides those of :mod:`zscl.moe.adapters` and :mod:`zscl.moe.ddas`): ``torch.compile``
-is off (the block hooks keep Python-side state); ``distill``, ``weight_constraint`` and
-``averaging`` are not supported (nothing of the CLIP trains).
+is off (the block hooks keep Python-side state); no distillation, weight constraint or averaging
+(nothing of the CLIP trains).
 """
 
 from __future__ import annotations
@@ -30,25 +30,25 @@ import torch
 import torch.nn.functional as F
 
 from zscl.datasets.streams import mix_seed
-from zscl.evaluation.cache import normalize_images
-from zscl.evaluation.zeroshot import build_classifier, topk_correct
-from zscl.methods.config import resolve_auto
-from zscl.methods.losses import cosine_warmup_factor
-from zscl.methods.module import ContinualCLIP
+from zscl.evaluation.zeroshot import build_classifier
+from zscl.methods.base import CLIPMethod
 from zscl.moe.adapters import MoEAdapters, MoEConfig
 from zscl.moe.ddas import AutoEncoderBank, DDASConfig, build_extractor, clip_features, select_routes
-from zscl.moe.export import export_meta, find_export, load_moe, moe_path, read_moe, save_moe
+from zscl.moe.export import SUFFIX, export_meta, find_export, load_moe, moe_path, read_moe, save_moe
 
 
-class MoEAdapterCLIP(ContinualCLIP):
+class MoEAdapterCLIP(CLIPMethod):
     """MoE-Adapters with DDAS on a frozen open_clip CLIP (see the module docstring).
 
     Args:
         moe: the adapters (experts, top-k, bottleneck, activate-freeze).
         ddas: the test-time selector (extractor, autoencoders, thresholds, per-image/per-batch).
-        **kwargs: :class:`~zscl.methods.ContinualCLIP`'s arguments (``clip``, ``pretrained``,
+        **kwargs: :class:`~zscl.methods.base.CLIPMethod`'s arguments (``clip``, ``pretrained``,
             ``init_from``, ``lr``, ``warmup_steps``, ``label_smoothing``, ``export_path``...).
     """
+
+    sidecar_suffixes = (SUFFIX,)
+    plain_clip_evaluation = False
 
     def __init__(self, moe: Union[MoEConfig, dict, None] = None, ddas: Union[DDASConfig, dict, None] = None,
                  **kwargs: Any) -> None:
@@ -75,20 +75,11 @@ class MoEAdapterCLIP(ContinualCLIP):
         self.ddas.requires_grad_(False)  # earlier tasks' autoencoders are final
         self.trainable += [(f"ddas.autoencoders.{done}.{n}", p.requires_grad_(True))
                            for n, p in self.ddas.autoencoders[done].named_parameters()]
-        self._trainable_names = [n for n, _ in self.trainable]
-        self.anchors = []  # no weight constraint: no task-start copy of the CLIP
         self._finished = False
         self.route_stats: dict[str, list[float]] = {}
 
     def _check_supported(self) -> None:
-        h = self.hparams
-        if self.distill.active or h.weight_constraint > 0 or self.averaging:
-            raise ValueError("moe_adapters trains adapters on a frozen CLIP: model.distill, model.weight_constraint "
-                             "and model.averaging must be off")
-        if h.train_mode != "whole":
-            raise ValueError("moe_adapters: model.train_mode must be 'whole'; choose the adapted towers with "
-                             "model.moe.towers (e.g. [image])")
-        if h.weight_decay > 0 and self.moe_cfg.freeze_top > 0:
+        if self.hparams.weight_decay > 0 and self.moe_cfg.freeze_top > 0:
             raise ValueError("moe_adapters: model.weight_decay must be 0 (the reference's value): decoupled decay "
                              "would move the frozen experts")
 
@@ -97,26 +88,15 @@ class MoEAdapterCLIP(ContinualCLIP):
         with torch.no_grad():
             return int(self._ddas_features(torch.zeros(1, 3, size, size)).shape[1])
 
-    @property
-    def needs_reference(self) -> bool:
-        return False
-
     # ----------------------------------------------------------------- training
-    def configure_optimizers(self) -> dict[str, Any]:
-        steps = self.trainer.max_steps
-        if steps is None or steps <= 0:
-            raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
+    def param_groups(self) -> list[dict[str, Any]]:
+        # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference;
+        # the autoencoder keeps a constant lr, the adapters follow the warm-up + cosine schedule.
         h = self.hparams
-        adapters = [p for n, p in self.trainable if n.startswith("moe.")]
-        autoencoder = [p for n, p in self.trainable if n.startswith("ddas.")]
-        # AdamW with weight decay 0 is Adam: the autoencoder's L2 term is in its loss, as in the reference.
-        groups = [{"params": adapters, "lr": h.lr, "weight_decay": h.weight_decay},
-                  {"params": autoencoder, "lr": self.ddas_cfg.lr, "weight_decay": 0.0}]
-        fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
-        opt = torch.optim.AdamW(groups, betas=tuple(h.betas), fused=fused or None)
-        warmup = h.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: cosine_warmup_factor(k, steps, warmup), lambda k: 1.0])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [{"params": [p for n, p in self.trainable if n.startswith("moe.")], "lr": h.lr,
+                 "weight_decay": h.weight_decay, "schedule": "cosine"},
+                {"params": [p for n, p in self.trainable if n.startswith("ddas.")], "lr": self.ddas_cfg.lr,
+                 "weight_decay": 0.0, "schedule": "constant"}]
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -130,8 +110,7 @@ class MoEAdapterCLIP(ContinualCLIP):
         with self.moe.routing(self.task):
             loss = super().training_step(batch, batch_idx)
         self.moe.recording = False
-        images = normalize_images(batch["task"][0], self.bundle.mean, self.bundle.std)
-        feats = self._ddas_features(images)
+        feats = self._ddas_features(self.normalized(batch["task"][0]))
         steps = self.trainer.max_steps
         calibrate = self.global_step >= min(int((1 - self.ddas_cfg.calibration_fraction) * steps), steps - 1)
         ae = self.ddas.training_loss(feats, self.task, calibrate)
@@ -168,13 +147,20 @@ class MoEAdapterCLIP(ContinualCLIP):
         self.tasks_done.fill_(self.task + 1)
         self._finished = True
 
-    def export_weights(self, path: str) -> None:
-        """The (unchanged) CLIP weights at ``path`` and the adapters + autoencoders beside them."""
+    def before_export(self) -> None:
         self._finish_task()
-        super().export_weights(path)
-        if self._trainer is None or self._trainer.is_global_zero:
-            meta = export_meta(dict(self.hparams), self.moe_cfg, self.ddas_cfg)
-            save_moe(moe_path(path), self.moe, self.ddas, int(self.tasks_done), meta)
+
+    def export_sidecars(self, path: str) -> None:
+        """The adapters + autoencoders beside the (unchanged) CLIP weights at ``path``."""
+        meta = export_meta(dict(self.hparams), self.moe_cfg, self.ddas_cfg)
+        save_moe(moe_path(path), self.moe, self.ddas, int(self.tasks_done), meta)
+
+    @classmethod
+    def load_export(cls, path: str, clip: Optional[str] = None, **overrides: Any) -> "MoEAdapterCLIP":
+        """CLIP ``path`` + the adapters and autoencoders beside it, with the MoE/DDAS settings of the export."""
+        _, _, meta = read_moe(moe_path(path))
+        overrides = {"moe": meta.get("moe"), "ddas": meta.get("ddas"), **overrides}
+        return super().load_export(path, clip=clip or meta.get("clip"), **overrides)
 
     # ----------------------------------------------------------------- evaluation with DDAS
     def routes_for(self, images: torch.Tensor) -> torch.Tensor:
@@ -185,17 +171,9 @@ class MoEAdapterCLIP(ContinualCLIP):
         errors = self.ddas.errors(self._ddas_features(images), tasks)
         return select_routes(errors, self.ddas.thresholds[:tasks], self.ddas_cfg.decision)
 
-    def on_validation_epoch_start(self) -> None:
-        self.start_evaluation(list(self.trainer.datamodule.eval_names))
-
-    def start_evaluation(self, names: list[str]) -> None:
-        """Reset the counters of :meth:`validation_step` for ``names`` (dataloader i = ``names[i]``)."""
-        from zscl.datasets import get_dataset
-
-        self._eval_names, self._specs = names, [get_dataset(n) for n in names]
+    def prepare_evaluation(self) -> None:
         self._classifiers: dict[tuple[int, int], torch.Tensor] = {}
-        self._counts = torch.zeros(len(names), 3, dtype=torch.long, device=self.device)
-        self._routed = torch.zeros(len(names), int(self.tasks_done) + 1, dtype=torch.long, device=self.device)
+        self._routed = torch.zeros(len(self._specs), int(self.tasks_done) + 1, dtype=torch.long, device=self.device)
         if self.extractor is not None:
             self.extractor.to(self.device)
 
@@ -210,27 +188,30 @@ class MoEAdapterCLIP(ContinualCLIP):
                                                           spec.templates, device=self.device, amp_dtype=amp)
         return self._classifiers[key]
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        images = normalize_images(images, self.bundle.mean, self.bundle.std)
+    def eval_logits(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
+        """DDAS routes each image: task t*'s router in both towers, or the zero-shot CLIP (route -1)."""
         routes = self.routes_for(images)
         with self.moe.routing(routes):
             feats = F.normalize(self.clip.encode_image(images).float(), dim=-1)
-        logits = torch.empty(len(images), self._specs[dataloader_idx].num_classes, device=feats.device)
+        logits = torch.empty(len(images), self._specs[dataset].num_classes, device=feats.device)
         for route in routes.unique().tolist():
             chosen = routes == route
-            logits[chosen] = 100.0 * feats[chosen] @ self._classifier(dataloader_idx, int(route))
-        self._counts[dataloader_idx, :2] += topk_correct(logits, labels)
-        self._counts[dataloader_idx, 2] += len(labels)
-        self._routed[dataloader_idx] += torch.bincount(routes + 1, minlength=self._routed.shape[1])
+            logits[chosen] = 100.0 * feats[chosen] @ self._classifier(dataset, int(route))
+        self._routed[dataset] += torch.bincount(routes + 1, minlength=self._routed.shape[1])
+        return logits
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        routed = self._routed
-        if self.trainer.world_size > 1:
-            routed = self.trainer.strategy.reduce(routed, reduce_op="sum")
+        routed = self._summed(self._routed)
         # fractions of each dataset's images sent to [zero-shot, task 0, task 1, ...]
         self.route_stats = {n: (row / max(int(row.sum()), 1)).tolist() for n, row in zip(self._eval_names, routed)}
+
+    def describe(self) -> str:
+        return f"MoE-Adapters + DDAS over {int(self.tasks_done)} trained task(s)"
+
+    def evaluation_extras(self, dataset: int) -> dict[str, Any]:
+        row = self._routed[dataset]
+        return {"routed": (row / max(int(row.sum()), 1)).tolist()}
 
 
 __all__ = ["MoEAdapterCLIP", "MoEConfig", "DDASConfig"]

@@ -21,7 +21,6 @@ Relative paths resolve against the data root.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -29,6 +28,8 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from zscl.datasets.common import DropLabels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 
@@ -72,20 +73,6 @@ class ImageFiles(Dataset):
         return self.transform(img) if self.transform is not None else img
 
 
-class DropLabels(Dataset):
-    """A labelled dataset seen as images only."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.excluded = getattr(dataset, "excluded", [])  # a cached pool's unreadable images, left out
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[i][0]
-
-
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"reference image folder {folder} does not exist")
@@ -118,10 +105,10 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     memory-mapped cache, as for evaluation: worthwhile when the pool fits on disk comfortably
     and is read every step of every task (the synthetic benchmark's pool, ImageNet subsets).
     """
-    dataset = _reference_files(cfg, data_root, transform)
+    dataset = reference_files(cfg, data_root, transform)
     if not cfg.cache or cfg.source == "memory":  # a memory changes every task: nothing to cache
         return dataset
-    from zscl.evaluation.cache import cache_key, default_cache_dir, materialize
+    from zscl.datasets.cache import cache_key, default_cache_dir, materialize
 
     where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     from zscl.datasets.common import source_fingerprint
@@ -131,7 +118,7 @@ def reference_image_dataset(cfg: ReferenceImages, data_root: str | Path, transfo
     return DropLabels(materialize(lambda: dataset, where / f"reference-{key}", desc="caching reference images"))
 
 
-def _reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None) -> Dataset:
+def reference_files(cfg: ReferenceImages, data_root: str | Path, transform: Callable | None) -> Dataset:
     if cfg.source == "dataset":
         from zscl.datasets import build_dataset
 

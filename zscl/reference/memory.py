@@ -137,7 +137,7 @@ def write_memory(path: str | Path, memory: dict[str, Any]) -> None:
 def memory_dataset(memory: dict[str, Any], data_root: str | Path, transform: Optional[Callable]) -> Dataset:
     """The exemplars as one map-style dataset of images (labels dropped), tasks in memory order."""
     from zscl.datasets import build_dataset
-    from zscl.reference.images import DropLabels
+    from zscl.datasets.common import DropLabels
 
     parts = [Subset(DropLabels(build_dataset(t["dataset"], data_root, "train", transform)), list(t["indices"]))
              for t in memory["tasks"] if t["indices"]]

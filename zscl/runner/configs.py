@@ -17,6 +17,8 @@ import yaml
 
 from zscl.registry import Registry
 from zscl.resources import configs_dir
+from zscl.settings.cil import ClassSteps
+from zscl.settings.few_shot import FewShot
 
 KINDS = ("method", "task", "benchmark")
 
@@ -60,24 +62,35 @@ def _config_values(argv: list[str]) -> list[tuple[int, str]]:
     return out
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return data if isinstance(data, dict) else {}
+
+
+def method_name(path: Union[str, Path]) -> Optional[str]:
+    """The ``name:`` a method config declares (configs without one: None)."""
+    name = _read_yaml(Path(path)).get("name")
+    return str(name) if name else None
+
+
 def with_method_overrides(argv: list[str]) -> list[str]:
     """Insert the benchmark's ``method_overrides`` for the run's method right after its method config.
 
     Why here (and not in the runner): as a config of its own, placed after the method's config,
-    the overlay beats the method's defaults (ZSCL's KD weight 1 becomes 5 in CIL) while any later
+    the overlay beats the method's defaults (ZSCL's KD weight 1 becomes 5 in class-incremental benchmarks) while any later
     ``--config`` or command-line key still beats the overlay, as users expect. The method is the
-    last ``method/<name>.yaml`` config given, matched by ``<name>``.
+    last config that declares a top-level ``name:`` (every method config does, so a user's copy of
+    ``zscl.yaml`` anywhere on disk keeps the benchmark's settings for ``zscl``).
     """
     configs = _config_values(argv)
     overrides: dict[str, Any] = {}
     for _, value in configs:
-        path = Path(value)
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-            bench = data.get("benchmark") if isinstance(data, dict) else None
-            overrides.update((bench or {}).get("method_overrides") or {})
-    methods = [(pos, Path(v).stem) for pos, v in configs if Path(v).parent.name == "method"]
+        bench = _read_yaml(Path(value)).get("benchmark")
+        overrides.update((bench or {}).get("method_overrides") or {})
+    methods = [(pos, method_name(v)) for pos, v in configs if method_name(v)]
     if not methods or methods[-1][1] not in overrides:
         return list(argv)
     pos = methods[-1][0] + 1
@@ -101,51 +114,24 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 @dataclass
-class ClassSteps:
-    """A class-incremental split of one dataset (iCaRL's protocol, as ZSCL's ``cil/`` code runs it).
-
-    Step 0 holds the first ``initial`` classes of ``order``, every later step the next
-    ``increment``. ``order`` is a list of labels or the name of ``data/class_orders/<name>.json``.
-    ``template`` replaces the dataset's prompts in training and evaluation. ``zero_shot`` adds the
-    initial model's accuracy on every step's seen classes (the Continual-CLIP baseline). A step trains for
-    ``epochs`` passes over its classes' training images: ``ceil(epochs * n / (batch_size * devices))``
-    iterations (reference: one epoch, batch 64, one GPU).
-    """
-
-    dataset: str = "CIFAR100"
-    order: Union[str, list[int]] = "CIFAR100"
-    initial: int = 10
-    increment: int = 10
-    template: Optional[str] = None
-    epochs: float = 1.0
-    zero_shot: bool = True  # also evaluate the initial model after every step's class set (Continual-CLIP)
-
-
-@dataclass
-class FewShot:
-    """Train every task on ``shots`` images per class (all of a class's images if it has fewer),
-    drawn with ``seed``; the same images for every method, machine and rank."""
-
-    shots: int = 5
-    seed: int = 42
-
-
-@dataclass
 class Benchmark:
     """A continual sequence: tasks in order, and the datasets evaluated after each task.
 
     ``tasks`` entries are task-config names (``configs/task/<name>.yaml``) or inline overlays
     such as ``{dataset: SynthShape, lr: 1.0e-4, steps: 200}``.
 
+    * ``setting``: the protocol (:data:`zscl.settings.SETTINGS`); default: the one whose section is set
+      (``classes``, ``few_shot``: see each setting's ``config_key``), else ``mtil``;
     * ``classes``: a class-incremental benchmark instead (tasks are generated, one per step);
     * ``few_shot``: train every task on a per-class subset of its training images;
-    * ``method_overrides``: per method config name, settings the benchmark imposes on that method
+    * ``method_overrides``: per method ``name:``, settings the benchmark imposes on that method
       (e.g. ZSCL's KD weights and WE period in class-incremental learning); they apply right after
       the method's own config, before any later config or command-line key
       (:func:`with_method_overrides`).
     """
 
     name: str = "custom"
+    setting: Optional[str] = None
     tasks: list[Union[str, dict[str, Any]]] = field(default_factory=list)
     eval_datasets: Optional[list[str]] = None
     classes: Optional[ClassSteps] = None

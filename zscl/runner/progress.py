@@ -1,14 +1,10 @@
-"""Progress display and the checkpoint IO of the sequence runner."""
+"""Progress display of the sequence runner and the CLIs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-from zscl.utils.io import atomic_path
 
 
 class TaskProgressBar(RichProgressBar):
@@ -53,14 +49,3 @@ def progress_bar(kind: str, description: str):
     if kind == "none":
         return None
     return TaskProgressBar(description) if kind == "rich" else TaskTQDMBar(description)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each Lightning checkpoint to a temporary file in the same folder, then renames it.
-
-    A run killed mid-write leaves the previous checkpoint intact (``os.replace`` is atomic).
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)

@@ -99,15 +99,24 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def run_method(plan: dict, name: str, opts: DemoOptions, world_root: Path) -> dict:
     """One method's sequence through the real runner (resumes if its folder already has rows)."""
-    from zscl.cli.sequence import build_parser
-    from zscl.runner.cil import make_runner
-    from zscl.runner.configs import with_method_overrides
+    from zscl.runner.build import build_runner
 
     out = Path(opts.out) / name
-    argv = with_method_overrides(_method_argv(plan, name, opts, world_root, out))
-    parser = build_parser(argv)  # a method config's model_class (moe_adapters) picks the module
-    cfg = parser.parse_args(argv)
-    return make_runner(parser, cfg).run()
+    return build_runner(_method_argv(plan, name, opts, world_root, out)).run()
+
+
+def _user_method(plan: dict, value: str) -> str:
+    """A demo method name, or a method config's path (a user's own method): added to the plan under its ``name:``."""
+    if value in plan["methods"] or not value.endswith((".yaml", ".yml")):
+        return value
+    from zscl.runner.configs import method_name
+
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"method config {value} not found")
+    name = method_name(path) or path.stem
+    plan["methods"][name] = {"label": name, "config": str(path)}
+    return name
 
 
 def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
@@ -115,7 +124,7 @@ def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
         raise ValueError("--ablations picks the methods itself, on the MTIL-style benchmark: "
                          "use it without --methods and without --setting cil/fewshot")
     if opts.methods:
-        names = opts.methods
+        names = [_user_method(plan, m) for m in opts.methods]
     elif opts.ablations:
         names = plan["ablations"]
     else:
@@ -132,7 +141,7 @@ def _worker(plan: dict, name: str, opts: DemoOptions, world_root: Path, threads:
 
     import torch
 
-    from zscl.cli.quiet import quiet_lightning
+    from zscl.utils.quiet import quiet_lightning
 
     torch.set_num_threads(threads)
     quiet_lightning()
@@ -193,21 +202,18 @@ def _benchmark(plan: dict) -> dict:
 
 def world_tasks(plan: dict) -> list[str]:
     """The synthetic tasks the plan's benchmark reads (the world writes only these)."""
+    from zscl.settings import setting_class
+
     bench = _benchmark(plan)
-    if bench.get("classes"):
-        return [bench["classes"]["dataset"]]
-    return [t["dataset"] if isinstance(t, dict) else str(t) for t in bench["tasks"]]
+    return setting_class(bench).datasets_read(bench)
 
 
 def plan_tasks(plan: dict) -> list:
     """The benchmark's tasks (for a class-incremental one: one per class step)."""
-    bench = _benchmark(plan)
-    classes = bench.get("classes")
-    if classes:
-        from zscl.runner.cil import class_steps
+    from zscl.settings import setting_class
 
-        return class_steps(list(classes["order"]), classes["initial"], classes["increment"])
-    return bench["tasks"]
+    bench = _benchmark(plan)
+    return setting_class(bench).planned_tasks(bench)
 
 
 def demo_world(out: str, opts: DemoOptions, tasks: list[str]) -> Any:
@@ -231,14 +237,16 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
     """
     import os
 
-    from zscl.cli.quiet import quiet_lightning
-    from zscl.synthetic.report import write_report
+    from zscl.settings import setting_class
+    from zscl.synthetic.report import REPORTS
+    from zscl.utils.quiet import quiet_lightning
 
     quiet_lightning()
     plan = load_plan(opts.setting)
     names = methods_to_run(plan, opts)
     n_tasks = len(plan_tasks(plan))
-    if opts.setting != "cil" and n_tasks < 2:
+    kind = setting_class(_benchmark(plan)).result_kind
+    if kind == "matrix" and n_tasks < 2:
         raise ValueError(f"the demo's benchmark ({plan['benchmark']}) has {n_tasks} task(s); Transfer and "
                          "the acceptance checks need at least two")
     world_root = Path(opts.out) / "world"  # one world for every setting
@@ -256,8 +264,4 @@ def run_demo(opts: DemoOptions, jobs: Optional[int] = None) -> dict[str, Any]:
         for i, name in enumerate(names):
             print(f"\n=== method {i + 1}/{len(names)}: {plan['methods'][name]['label']} ({name}) ===")
             results[name] = run_method(plan, name, opts, world_root)
-    if opts.setting == "cil":
-        from zscl.synthetic.report import write_cil_report
-
-        return write_cil_report(plan, names, results, out, time.time() - t0, quick=opts.quick)
-    return write_report(plan, names, results, out, time.time() - t0, quick=opts.quick)
+    return REPORTS[kind](plan, names, results, out, time.time() - t0, quick=opts.quick)

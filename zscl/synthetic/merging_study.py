@@ -22,8 +22,7 @@ from zscl.synthetic.demo import DemoOptions, demo_world, load_plan
 
 def _finetune_each(plan: dict, opts: DemoOptions, world_root: Path, out: Path) -> dict:
     """One independent fine-tune per held-in task through the real runner; returns its results."""
-    from zscl.cli.sequence import build_parser
-    from zscl.runner.sequence import SequenceRunner
+    from zscl.runner.build import build_runner
     from zscl.utils.io import write_text_atomic
 
     import yaml
@@ -41,9 +40,7 @@ def _finetune_each(plan: dict, opts: DemoOptions, world_root: Path, out: Path) -
     argv = ["--config", str(configs_dir() / plan["benchmark"]), "--config", str(configs_dir() / "method/finetune.yaml"),
             "--config", str(bench_file), "--out", str(out / "finetunes"), "--data.data_root", str(world_root),
             "--progress", opts.progress, "--seed_everything", str(opts.seed)]
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    return SequenceRunner(parser, cfg).run()
+    return build_runner(argv).run()
 
 
 def _final_losses(run_dir: Path, slugs: list[str]) -> list[float]:
@@ -145,7 +142,7 @@ def _write(rows: dict[str, dict], study: dict, out: Path, elapsed: float) -> Non
 
 
 def run_merging_study(opts: DemoOptions) -> dict[str, Any]:
-    from zscl.cli.quiet import quiet_lightning
+    from zscl.utils.quiet import quiet_lightning
 
     quiet_lightning()
     plan, t0 = load_plan(), time.time()

@@ -124,7 +124,7 @@ def build_model(seed: int = 0) -> tuple[torch.nn.Module, Callable, tuple, tuple]
 def pretrain(config: PretrainConfig = PretrainConfig(), out: str | Path | None = None,
              log: Callable[[str], None] = print) -> PretrainResult:
     """Train ``zscl-synth-tiny`` from scratch; save fp16 weights to ``out`` if given."""
-    from zscl.evaluation.cache import normalize_images
+    from zscl.datasets.pixels import normalize_images
 
     start = time.perf_counter()
     model, tokenizer, mean, std = build_model(config.seed)

@@ -14,7 +14,6 @@ A check whose methods did not run has ``passed: None`` and reads "not run".
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -157,16 +156,16 @@ def write_cil_report(plan: dict, names: list[str], results: dict[str, dict], out
 
     No acceptance checks: the paper makes no zero-shot claim for CIL; the report shows the pattern."""
     from zscl.evaluation.compare import Table, load_published
-    from zscl.evaluation.incremental import CilRun, IncrementalCurve, cil_summary_rows, write_cil_plots
+    from zscl.evaluation.incremental import CurveRun, IncrementalCurve, curve_summary_rows, write_curve_plots
 
-    runs = [CilRun(n, str(results[n].get("benchmark")), IncrementalCurve.from_results(results[n]),
+    runs = [CurveRun(n, str(results[n].get("benchmark")), IncrementalCurve.from_results(results[n]),
                    results[n]["step_classes"]) for n in names]
     published = plan.get("published")
-    header, rows = cil_summary_rows(runs, load_published(published) if published else None)
+    header, rows = curve_summary_rows(runs, load_published(published) if published else None)
     header = [h.replace("paper", f"paper {published}") if h.startswith("paper") else h for h in header]
     keep = 6 if published else 3  # method, Avg, Last (+ the paper's row, Avg, Last); no deltas: another benchmark
     table = Table(header[:keep], [r[:keep] for r in rows], "class-incremental Avg / Last (%)").render("md")
-    plots = write_cil_plots(runs, out / "plots", "synthetic class-incremental benchmark")
+    plots = write_curve_plots(runs, out / "plots", "synthetic class-incremental benchmark")
     steps = results[names[0]]["step_classes"]
     zs = runs[0].curve.zero_shot
     per_step = _table(([["zero-shot", *(f"{a:.1f}" for a in zs)]] if zs else [])
@@ -190,5 +189,5 @@ def write_cil_report(plan: dict, names: list[str], results: dict[str, dict], out
     return summary
 
 
-def load_summary(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "summary.json").read_text())
+#: the demo's report writer for each kind of result (:attr:`zscl.settings.Setting.result_kind`)
+REPORTS = {"matrix": write_report, "curve": write_cil_report}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,22 +46,6 @@ def split_normalize(transform: Callable) -> tuple[T.Compose, tuple[float, ...], 
         )
     norm = steps[-1]
     return T.Compose(steps[:-2] + [T.PILToTensor()]), tuple(map(float, norm.mean)), tuple(map(float, norm.std))
-
-
-@lru_cache(maxsize=16)
-def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per device: a fresh torch.tensor(..., device=cuda) is a blocking copy every call.
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    return m, s
-
-
-def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> normalised float32, on the images' device; float input passes through."""
-    if images.dtype != torch.uint8:
-        return images
-    m, s = _channel_stats(tuple(mean), tuple(std), images.device)
-    return images.to(torch.float32).div(255).sub(m).div(s)
 
 
 class CachedImages(Dataset):
@@ -209,7 +192,7 @@ def _read_excluded(path: Path) -> list[tuple[str, str]]:
 
 def _readable_again(excluded: list[tuple[str, str]]) -> bool:
     """Whether a file the cache left out has been repaired since (then the cache is rebuilt)."""
-    from zscl.datasets.check import decode
+    from zscl.datasets.badimages import decode
 
     return any(os.path.exists(path) and decode(path)[1] is not None for path, _ in excluded)
 

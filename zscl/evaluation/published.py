@@ -1,0 +1,49 @@
+"""The published results shipped with zscl (``data/published/<benchmark>.json``) and how runs are matched to them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from zscl.evaluation.metrics import AccuracyMatrix
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared, or a run/published table that cannot be read."""
+
+
+class Delta(float):
+    """A float printed with its sign (ours − published)."""
+
+
+def published_names() -> list[str]:
+    from zscl.resources import data_dir
+
+    return sorted(p.stem for p in (data_dir() / "published").glob("*.json"))
+
+
+def load_published(name: str) -> dict[str, Any]:
+    """A shipped published table by benchmark name, or a JSON file of the same format."""
+    from zscl.resources import data_dir
+
+    path = Path(name) if name.endswith(".json") else data_dir() / "published" / f"{name}.json"
+    if not path.is_file():
+        raise CompareError(f"no published table {name!r}; shipped: {', '.join(published_names())}, or a JSON file")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def published_row(table: dict[str, Any], label: str) -> Optional[dict[str, Any]]:
+    """The published entry whose config name or method name matches ``label`` (case-insensitive)."""
+    key = label.lower()
+    for entry in table["results"]:
+        if key in (str(entry.get("config", "")).lower(), str(entry["method"]).lower()):
+            return entry
+    return None
+
+
+def published_matrix(entry: dict[str, Any], table: dict[str, Any]) -> Optional[AccuracyMatrix]:
+    if entry.get("accuracy") is None:
+        return None
+    zs = table.get("zero_shot_clip")
+    return AccuracyMatrix(entry["datasets"], entry["accuracy"], zs)
