@@ -32,12 +32,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from zscl.reference.memory import ExemplarMemory
 from zscl.runner.configs import task_dataset, task_overlay
-from zscl.utils import signals
 from zscl.runner.hooks import Continual, build_hooks
 from zscl.runner.progress import progress_bar
 from zscl.utils.checkpoint_io import AtomicCheckpointIO
 from zscl.utils.io import write_json_atomic
 from zscl.utils.ranks import barrier, is_rank_zero, say
+from zscl.utils import signals
 from zscl.utils.testing import kill_callback, pause_callback
 
 
