@@ -253,3 +253,19 @@ def task_logits_with_weights(clip, prefixes, images, tokens, task, w):
         img, txt = clip.encode_image(images), clip.encode_text(tokens)
     n = torch.nn.functional.normalize
     return clip.logit_scale.exp() * n(img, dim=-1) @ n(txt, dim=-1).T
+
+
+# -- published rows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,numbers", [("mtil_order1", (68.7, 76.3, 85.1)), ("mtil_order2", (64.4, 74.5, 85.5)),
+                                          ("mtil_order1_fewshot16", (68.7, 72.5, 78.6))])
+def test_published_diki_rows_carry_their_source(name, numbers):
+    from zscl.evaluation.compare import load_published, published_row, published_table
+
+    table = load_published(name)
+    row = published_row(table, "diki")
+    assert tuple(row["published"][k] for k in ("transfer", "avg", "last")) == numbers
+    assert row["accuracy"] is None and "DPW" in row["source"] and row["note"]
+    assert ("re-run" in row["method"]) == name.endswith("fewshot16")
+    assert any(r[0] == row["method"] for r in published_table(table).rows)
