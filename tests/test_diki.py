@@ -130,6 +130,12 @@ def test_depth_and_initialisation():
     assert sum(p.requires_grad for p in prefixes.parameters()) == 8
 
 
+def test_a_resnet_image_tower_is_refused():
+    clip = load_clip("zscl-tiny-rn", None).model
+    with pytest.raises(ValueError, match="image tower"):
+        DIKIPrefixes(clip, PrefixConfig(), num_tasks=2)
+
+
 def test_vit_b16_matches_the_references_prefix_count():
     import open_clip
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +144,7 @@ class DIKIPrefixes(nn.Module):
         self._handles = [block.attn.register_forward_hook(self._hook(tower, prefixes), with_kwargs=True)
                          for (tower, _, block), prefixes in zip(found, self.blocks)]
 
-    def _hook(self, tower: str, prefixes: BlockPrefixes):
+    def _hook(self, tower: str, prefixes: BlockPrefixes) -> Callable:
         def add_prefix_branch(attn: nn.MultiheadAttention, args, kwargs, output):
             route = self.routes[tower]
             if route is None:
