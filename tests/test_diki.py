@@ -101,7 +101,9 @@ def test_prefix_attention_equals_the_formula(one_thread, arch, tower):
     g = torch.Generator().manual_seed(3)
     n, d = 5, block.attn.embed_dim
     x = torch.randn(3, n, d, generator=g, dtype=torch.float64)
-    causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1) if tower == "text" else torch.zeros(n, n, dtype=torch.float64)
+    causal = torch.zeros(n, n, dtype=torch.float64)
+    if tower == "text":
+        causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
     tasks, weights = torch.tensor([2, 0, 2]), torch.tensor([0.3, 1.0, 0.7], dtype=torch.float64)
     keys = torch.stack([prefix.keys[t] for t in tasks.tolist()])
     values = torch.stack([prefix.values[t] for t in tasks.tolist()])

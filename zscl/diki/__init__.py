@@ -6,8 +6,8 @@ batch voting), ``forward`` (training and calibrated test logits). Imports torch 
 """
 
 from zscl.diki.calibration import Selection, TaskGaussians, majority
-from zscl.diki.forward import calibrated_logits, select_tasks, task_logits
+from zscl.diki.forward import calibrated_logits, frozen_image_features, select_tasks, task_logits
 from zscl.diki.prefix import DIKIPrefixes, PrefixConfig, Route, prefix_attention
 
-__all__ = ["DIKIPrefixes", "PrefixConfig", "Route", "Selection", "TaskGaussians", "calibrated_logits", "majority",
-           "prefix_attention", "select_tasks", "task_logits"]
+__all__ = ["DIKIPrefixes", "PrefixConfig", "Route", "Selection", "TaskGaussians", "calibrated_logits",
+           "frozen_image_features", "majority", "prefix_attention", "select_tasks", "task_logits"]

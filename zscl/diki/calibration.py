@@ -100,7 +100,7 @@ class TaskGaussians(nn.Module):
         ll = self.log_density(features)
         best, own = ll.max(1)
         weights = torch.sigmoid(best / self.dim - 1).to(torch.float32)
-        tasks = majority(own).expand_as(own) if voting else own
+        tasks = torch.full_like(own, int(majority(own))) if voting else own
         return Selection(tasks=tasks, weights=weights, own_tasks=own, log_density=ll)
 
 

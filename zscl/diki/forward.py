@@ -29,11 +29,16 @@ def task_logits(clip: nn.Module, prefixes: DIKIPrefixes, images: torch.Tensor, t
         return _scaled_cosine(clip, clip.encode_image(images), clip.encode_text(tokens))
 
 
+def frozen_image_features(clip: nn.Module, prefixes: DIKIPrefixes, images: torch.Tensor) -> torch.Tensor:
+    """The frozen CLIP's (unnormalised) image features, prefixes off: what the task Gaussians are fitted on and scored with."""
+    with torch.no_grad(), prefixes.routing():
+        return clip.encode_image(images)
+
+
 def select_tasks(clip: nn.Module, prefixes: DIKIPrefixes, gaussians: TaskGaussians, images: torch.Tensor,
                  voting: bool = True) -> Selection:
     """The calibration's decision for ``images``, from the frozen CLIP's features (prefixes off)."""
-    with torch.no_grad(), prefixes.routing():
-        return gaussians.select(clip.encode_image(images), voting=voting)
+    return gaussians.select(frozen_image_features(clip, prefixes, images), voting=voting)
 
 
 def calibrated_logits(clip: nn.Module, prefixes: DIKIPrefixes, gaussians: TaskGaussians, images: torch.Tensor,
