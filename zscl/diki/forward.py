@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,20 +43,39 @@ def select_tasks(clip: nn.Module, prefixes: DIKIPrefixes, gaussians: TaskGaussia
     return gaussians.select(frozen_image_features(clip, prefixes, images), voting=voting)
 
 
+def class_text_features(clip: nn.Module, tokens: torch.Tensor, templates: int = 1) -> torch.Tensor:
+    """Class embeddings ``[C, D]`` of ``tokens`` ``[C * templates]`` (class-major): with one template the
+    text tower's output, else the mean of the normalised embeddings of a class's prompts (CLIP's
+    prompt ensembling, as :func:`zscl.evaluation.zeroshot.build_classifier`). The active routing applies."""
+    text = clip.encode_text(tokens)
+    if templates == 1:
+        return text
+    return F.normalize(text, dim=-1).view(tokens.shape[0] // templates, templates, -1).mean(1)
+
+
+def zero_shot_logits(clip: nn.Module, prefixes: DIKIPrefixes, images: torch.Tensor, tokens: torch.Tensor,
+                     templates: int = 1) -> torch.Tensor:
+    """The frozen CLIP's logits ``[B, C]`` (prefixes off in both towers): DIKI before any task is learned."""
+    with prefixes.routing():
+        return _scaled_cosine(clip, clip.encode_image(images), class_text_features(clip, tokens, templates))
+
+
 def calibrated_logits(clip: nn.Module, prefixes: DIKIPrefixes, gaussians: TaskGaussians, images: torch.Tensor,
-                      tokens: torch.Tensor, voting: bool = True) -> torch.Tensor:
-    """Test-time logits ``[B, C]`` without task ids (module docstring).
+                      tokens: torch.Tensor, voting: bool = True, templates: int = 1,
+                      selection: Optional[Selection] = None) -> torch.Tensor:
+    """Test-time logits ``[B, C]`` without task ids (module docstring); ``tokens`` hold ``templates``
+    prompts per class (:func:`class_text_features`); ``selection``: the calibration's decision if already made.
 
     With voting off, images of different selected tasks score against text features encoded with
     their own task's prefixes; the text weight is the mean ``w`` of the whole batch either way.
     """
-    sel = select_tasks(clip, prefixes, gaussians, images, voting)
+    sel = selection if selection is not None else select_tasks(clip, prefixes, gaussians, images, voting)
     with prefixes.routing(image=Route(sel.tasks, sel.weights.to(images.dtype))):
         image = clip.encode_image(images)
-    logits = image.new_empty(images.shape[0], tokens.shape[0])
+    logits = image.new_empty(images.shape[0], tokens.shape[0] // templates)
     for task in sel.tasks.unique().tolist():
         with prefixes.routing(text=Route(int(task), sel.text_weight)):
-            text = clip.encode_text(tokens)
+            text = class_text_features(clip, tokens, templates)
         rows = sel.tasks == task
         logits[rows] = _scaled_cosine(clip, image[rows], text)
     return logits

@@ -107,6 +107,7 @@ class Table:
     header: list[str]
     rows: list[list[Any]]
     title: str = ""
+    notes: list[str] = field(default_factory=list)  # footnotes printed under the table (md, LaTeX); CSV stays data
 
     def render(self, fmt: Format = "md") -> str:
         return {"md": _markdown, "csv": _csv, "latex": _latex}[fmt](self)
@@ -121,7 +122,8 @@ def _cell(x: Any) -> str:
 def _markdown(t: Table) -> str:
     lines = [f"**{t.title}**", ""] if t.title else []
     lines += ["| " + " | ".join(t.header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.header))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows])
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines + ([""] + [f"* {n}" for n in t.notes] if t.notes else []))
 
 
 def _csv(t: Table) -> str:
@@ -137,7 +139,7 @@ def _latex(t: Table) -> str:
     lines = [r"\begin{tabular}{l" + "r" * (len(t.header) - 1) + "}", r"\toprule", " & ".join(map(esc, t.header)) + r" \\",
              r"\midrule"]
     lines += [" & ".join(esc(_cell(c)).replace("–", "--") for c in row) + r" \\" for row in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}"] + [f"% {n}" for n in t.notes]
     return ("% " + t.title + "\n" if t.title else "") + "\n".join(lines)
 
 
@@ -158,12 +160,24 @@ def summary_table(runs: Sequence[Run], published: Optional[dict[str, Any]] = Non
         pub = (published or {}).get("zero_shot_published")
         rows.append(["zero-shot", *_zero_shot_metrics(runs[0]), *_published_cells(pub, "Zero-shot", _zero_shot_metrics(runs[0]),
                                                                                   published, delta)])
+    entries = []
     for run in runs:
         ours = [run.summary[k] for k, _ in METRICS]
         entry = published_row(published, run.label) if published is not None else None
+        entries += [entry] if entry else []
         rows.append([run.label, *ours, *_published_cells(entry and entry["published"], entry and entry["method"], ours,
                                                          published, delta)])
-    return Table(header, rows, "Transfer / Avg / Last (%)")
+    return Table(header, rows, "Transfer / Avg / Last (%)", published_notes(entries))
+
+
+def published_notes(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Footnotes of the published rows shown: each entry's ``note`` (e.g. other test splits) and ``source``."""
+    notes = []
+    for e in entries:
+        parts = [p for p in (e.get("note"), e.get("source") and f"source: {e['source']}") if p]
+        if parts:
+            notes.append(f"{e['method']}: " + "; ".join(parts))
+    return notes
 
 
 def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, published: Optional[dict], delta: bool) -> list:
@@ -187,7 +201,7 @@ def published_table(published: dict[str, Any]) -> Table:
         ours = [summarize(m)[k] for k, _ in METRICS] if m is not None else [None] * 3
         rows.append([entry["method"], *ours, *(float(entry["published"][k]) for k, _ in METRICS)])
     header = ["method", *(f"{t} (from matrix)" for _, t in METRICS), *(f"{t} (printed)" for _, t in METRICS)]
-    return Table(header, rows, f"published: {published.get('benchmark', '')}")
+    return Table(header, rows, f"published: {published.get('benchmark', '')}", published_notes(published["results"]))
 
 
 def per_dataset_tables(runs: Sequence[Run]) -> list[Table]:
