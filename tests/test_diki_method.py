@@ -82,12 +82,17 @@ def test_untrained_module_evaluates_as_open_clip_with_the_first_template(one_thr
     m._specs = [spec]
     m.prepare_evaluation()
     images = torch.randn(4, 3, m.bundle.image_size, m.bundle.image_size)
+    from zscl.models.loading import tiny_configs_dir
+
+    open_clip.add_model_config(tiny_configs_dir())
+    plain = open_clip.create_model(ARCH, pretrained=None).eval()  # no hooks: open_clip's own forward
+    plain.load_state_dict(m.clip.state_dict())
     with torch.no_grad():
         got = m.eval_logits(images, 0)
         tok = open_clip.get_tokenizer(ARCH)(["a photo of a cat.", "a photo of a dog.", "a photo of a bird."])
-        img = F.normalize(m.clip.encode_image(images), dim=-1)
-        txt = F.normalize(m.clip.encode_text(tok), dim=-1)
-    torch.testing.assert_close(got, m.clip.logit_scale.exp() * img @ txt.T)
+        img = F.normalize(plain.encode_image(images), dim=-1)
+        txt = F.normalize(plain.encode_text(tok), dim=-1)
+    torch.testing.assert_close(got, plain.logit_scale.exp() * img @ txt.T)
 
 
 # ---------------------------------------------------------------------------- runs on the tiny world
