@@ -174,6 +174,7 @@ class DIKICLIP(CLIPMethod):
         return steps
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        """Stop (-1) at a task's end reached before ``trainer.max_steps`` (``epochs``), also on resume."""
         if self.trainer.global_step >= self._last_step():  # resumed from a checkpoint at the task's last step
             self.trainer.should_stop = True
             return -1
@@ -189,12 +190,14 @@ class DIKICLIP(CLIPMethod):
         self._fit_gaussian()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The base's cross-entropy step with task ``t``'s prefixes at ``w = 1`` in both towers."""
         self._score_if_due(self.trainer.global_step)  # the weights after global_step steps, before the next
         with self.prefixes.routing(image=Route(self.task), text=Route(self.task)):
             return super().training_step(batch, batch_idx)
 
     # ----------------------------------------------------------------- model selection
     def _epoch_steps(self) -> int:
+        """Steps between hold-out scores: ``select_every``, else one epoch, ``ceil(kept / (batch * ranks))``."""
         if self.hparams.select_every:
             return int(self.hparams.select_every)
         dm = self.trainer.datamodule
@@ -202,6 +205,7 @@ class DIKICLIP(CLIPMethod):
         return max(1, math.ceil(kept / (dm.batch_size * self.trainer.world_size)))
 
     def _score_if_due(self, step: int) -> None:
+        """Score the weights after ``step`` steps if that step ends an epoch or the task (once per step)."""
         if self.hparams.holdout <= 0 or not self._has_images or step == self.best.scored:
             return
         if due(step, self._epoch_steps(), self._last_step()):
