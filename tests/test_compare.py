@@ -111,6 +111,9 @@ def test_compare_without_runs_prints_the_papers_table(capsys):
     rows = rows_by_method(capsys.readouterr().out)
     for entry in paper("mtil_order2")["results"]:
         row = rows[entry["method"]]
+        if entry["accuracy"] is None:  # a row published without its matrix (DIKI): printed numbers only
+            assert row["Last (from matrix)"] == "" and float(row["Last (printed)"]) == entry["published"]["last"]
+            continue
         assert round(float(row["Last (from matrix)"]), 1) == entry["published"]["last"] == float(row["Last (printed)"])
 
 
@@ -138,3 +141,22 @@ def test_order2_icarl_row_is_footnoted_wherever_it_is_shown(tmp_path, capsys):
     assert "% Note: iCaRL:" in capsys.readouterr().out
     assert compare_main(["--published", "mtil_order1"]) == 0
     assert "Note: iCaRL" not in capsys.readouterr().out, "order I's iCaRL row is sound"
+
+
+def test_published_rows_notes_are_footnotes_of_the_table_and_csv_stays_data(tmp_path, capsys):
+    """DIKI's row is on CoOp splits: whenever it is shown, its note and source are printed under the table."""
+    pub = paper("mtil_order1")
+    diki = next(e for e in pub["results"] if e["config"] == "diki")
+    assert compare_main(["--published", "mtil_order1"]) == 0
+    text = capsys.readouterr().out
+    assert f"Note: DIKI: {diki['note']}; source: {diki['source']}" in text and "CoOp splits" in diki["note"]
+    # a run labelled diki beside the paper: the footnote follows the row
+    zero = [pub["zero_shot_clip"][d] for d in pub["datasets"]]
+    run = write_run(tmp_path / "diki", "mtil_order1", "diki", pub["datasets"], pub["results"][0]["accuracy"], zero)
+    assert compare_main([str(run)]) == 0
+    assert "Note: DIKI: " in capsys.readouterr().out
+    assert compare_main([str(run), "--format", "csv"]) == 0
+    assert "CoOp" not in capsys.readouterr().out
+    finetune = write_run(tmp_path / "finetune", "mtil_order1", "finetune", pub["datasets"], pub["results"][0]["accuracy"], zero)
+    assert compare_main([str(finetune)]) == 0
+    assert "Note:" not in capsys.readouterr().out  # no published row with a note is shown

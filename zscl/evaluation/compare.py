@@ -116,7 +116,7 @@ class Table:
     header: list[str]
     rows: list[list[Any]]
     title: str = ""
-    notes: list[str] = field(default_factory=list)  # footnotes printed under the table
+    notes: list[str] = field(default_factory=list)  # footnotes printed under the table (md, LaTeX); CSV stays data
 
     def render(self, fmt: Format = "md") -> str:
         return {"md": _markdown, "csv": _csv, "latex": _latex}[fmt](self)
@@ -140,7 +140,7 @@ def _csv(t: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(t.header)
     writer.writerows([["" if c is None else (round(c, 4) if isinstance(c, float) else c) for c in row] for row in t.rows])
-    return buf.getvalue().rstrip("\n") + "".join(f"\n# Note: {n}" for n in t.notes)
+    return buf.getvalue().rstrip("\n")
 
 
 def _latex(t: Table) -> str:
@@ -170,14 +170,19 @@ def summary_table(runs: Sequence[Run], published: Optional[dict[str, Any]] = Non
         pub = (published or {}).get("zero_shot_published")
         rows.append(["zero-shot", *_zero_shot_metrics(runs[0]), *_published_cells(pub, "Zero-shot", _zero_shot_metrics(runs[0]),
                                                                                   published, delta)])
-    notes: list[str] = []
+    entries = []
     for run in runs:
         ours = [run.summary[k] for k, _ in METRICS]
         entry = published_row(published, run.label) if published is not None else None
+        entries += [entry] if entry else []
         rows.append([run.label, *ours, *_published_cells(entry and entry["published"], entry and entry["method"], ours,
                                                          published, delta)])
-        notes += entry_notes(entry)
-    return Table(header, rows, "Transfer / Avg / Last (%)", notes)
+    return Table(header, rows, "Transfer / Avg / Last (%)", published_notes(entries))
+
+
+def published_notes(entries: Sequence[Optional[dict[str, Any]]]) -> list[str]:
+    """Footnotes of the published rows shown (:func:`~zscl.evaluation.published.entry_notes`)."""
+    return [n for e in entries for n in entry_notes(e)]
 
 
 def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, published: Optional[dict], delta: bool) -> list:
@@ -193,7 +198,6 @@ def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, publi
 def published_table(published: dict[str, Any]) -> Table:
     """The paper's rows: Transfer / Avg / Last recomputed from its matrices, beside the printed ones."""
     rows: list[list[Any]] = []
-    notes = [n for entry in published["results"] for n in entry_notes(entry)]
     zs = published.get("zero_shot_published")
     if zs:
         rows.append(["Zero-shot", None, None, None, *(float(zs[k]) for k, _ in METRICS)])
@@ -202,7 +206,7 @@ def published_table(published: dict[str, Any]) -> Table:
         ours = [summarize(m)[k] for k, _ in METRICS] if m is not None else [None] * 3
         rows.append([entry["method"], *ours, *(float(entry["published"][k]) for k, _ in METRICS)])
     header = ["method", *(f"{t} (from matrix)" for _, t in METRICS), *(f"{t} (printed)" for _, t in METRICS)]
-    return Table(header, rows, f"published: {published.get('benchmark', '')}", notes)
+    return Table(header, rows, f"published: {published.get('benchmark', '')}", published_notes(published["results"]))
 
 
 def per_dataset_tables(runs: Sequence[Run]) -> list[Table]:

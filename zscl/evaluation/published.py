@@ -62,8 +62,10 @@ def recipe_mismatches(entry: dict[str, Any], config: Optional[dict[str, Any]]) -
 
 
 def entry_notes(entry: Optional[dict[str, Any]]) -> list[str]:
-    """A published entry's footnote (e.g. a row at chance), printed wherever the row is shown."""
-    return [f"{entry['method']}: {entry['note']}"] if entry and entry.get("note") else []
+    """A published entry's footnote, printed wherever the row is shown: its ``note`` (a row at chance, other
+    test splits) and ``source``."""
+    parts = [p for p in ((entry or {}).get("note"), (entry or {}).get("source") and f"source: {entry['source']}") if p]
+    return [f"{entry['method']}: " + "; ".join(parts)] if parts else []
 
 
 def published_matrix(entry: dict[str, Any], table: dict[str, Any]) -> Optional[AccuracyMatrix]:

@@ -3,8 +3,9 @@
 :class:`CLIPMethod` owns what all methods share, so that a method is one class and one YAML:
 
 * the CLIP (open_clip name or OpenAI JIT file, ``pretrained`` weights) and ``init_from``;
-* the optimiser: AdamW over :meth:`param_groups` with a per-iteration schedule per group
-  (linear warm-up then cosine to 0, or constant), ``trainer.max_steps`` iterations;
+* the optimiser: AdamW (:meth:`make_optimizer`) over :meth:`param_groups` with a per-iteration
+  schedule per group (:meth:`lr_factor`: linear warm-up then cosine to 0, or constant),
+  ``trainer.max_steps`` iterations;
 * zero-shot evaluation with top-1/top-5 and per-class counts, summed over ranks
   (:meth:`eval_logits` is the one hook a method with its own inference overrides);
 * :meth:`export` (CLIP weights in open_clip layout + :meth:`export_sidecars`) and
@@ -18,7 +19,7 @@ A subclass sets ``self.trainable`` (``(name, parameter)`` pairs) in its ``__init
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import lightning as L
 import torch
@@ -111,9 +112,16 @@ class CLIPMethod(L.LightningModule):
     def on_initial_clip(self) -> None:
         """Called in ``__init__`` while ``self.clip`` holds the initial weights, before ``init_from`` is loaded."""
 
+    def training_dataset(self, name: str, data_root: str) -> str:
+        """The registered dataset the task's training stream reads, for the task's dataset ``name``
+        (default: ``name`` itself). A method that keeps part of the training split for its own use
+        (e.g. a hold-out for model selection) returns a view without it (:mod:`zscl.datasets.views`)."""
+        return name
+
     # ----------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups; ``schedule`` is ``"cosine"`` (warm-up + cosine, default) or ``"constant"``."""
+        """Parameter groups of :meth:`make_optimizer`; ``schedule`` names the group's :meth:`lr_factor`
+        (``"cosine"``: warm-up + cosine, the default; ``"constant"``)."""
         h = self.hparams
         return [{"params": [p for _, p in self.trainable], "lr": h.lr, "weight_decay": h.weight_decay}]
 
@@ -123,14 +131,25 @@ class CLIPMethod(L.LightningModule):
             raise ValueError("training is measured in iterations: set trainer.max_steps (e.g. --trainer.max_steps 1000)")
         groups = self.param_groups()
         schedules = [g.pop("schedule", "cosine") for g in groups]
+        opt = self.make_optimizer(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [self.lr_factor(s, steps) for s in schedules])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimiser over :meth:`param_groups` (their ``schedule`` keys removed): AdamW."""
         # The fused kernel exists for CUDA and CPU (on CPU it is ~10x faster than the per-tensor loop).
         fused = resolve_auto(self.speed.fused_adamw, self.device.type in ("cuda", "cpu"))
-        opt = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), fused=fused or None)
-        warmup = self.hparams.warmup_steps
-        factors = [(lambda k: cosine_warmup_factor(k, steps, warmup)) if s == "cosine" else (lambda k: 1.0)
-                   for s in schedules]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), fused=fused or None)
+
+    def lr_factor(self, schedule: str, steps: int) -> Callable[[int], float]:
+        """``k -> lr_k / lr`` of a group's ``schedule``: ``"cosine"`` (linear warm-up over ``warmup_steps``,
+        then cosine to 0 at ``steps``) or ``"constant"``. A method adds its own names by overriding this."""
+        if schedule == "cosine":
+            warmup = self.hparams.warmup_steps
+            return lambda k: cosine_warmup_factor(k, steps, warmup)
+        if schedule == "constant":
+            return lambda k: 1.0
+        raise ValueError(f"unknown lr schedule {schedule!r} (cosine, constant)")
 
     def configure_callbacks(self) -> list[L.Callback]:
         from zscl.methods.guards import FiniteLossGuard

@@ -160,7 +160,8 @@ class ContinualDataModule(L.LightningDataModule):
         rank, world = self._rank()
         step = self.trainer.global_step if self.trainer is not None else 0
         transform = self._uint8(self._bundle.train_transform)
-        task = SafeImages(build_dataset(self.spec.name, self.data_root, "train", transform))
+        name = self.trainer.lightning_module.training_dataset(self.spec.name, self.data_root)  # the method may hold some out
+        task = SafeImages(build_dataset(name, self.data_root, "train", transform))
         pin = torch.cuda.is_available()
         stream = StepBatchStream(task, self.batch_size, seed=self.seed, start_step=step, rank=rank, world_size=world,
                                  skip_unreadable=self.skip_bad)
