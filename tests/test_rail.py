@@ -114,7 +114,8 @@ def test_dual_prediction_is_the_direct_kernel_ridge_solve(one_thread):
         mem = np.concatenate(xs).astype(np.float64)
         mem /= np.linalg.norm(mem, axis=1, keepdims=True)
         tx = test_x.double().numpy() / np.linalg.norm(test_x.double().numpy(), axis=1, keepdims=True)
-        alpha = np.linalg.solve(_numpy_rbf(mem, mem, gamma) + lam * np.eye(len(mem)), np.eye(classes)[np.concatenate(ys)])
+        targets = np.eye(classes)[np.concatenate(ys)]
+        alpha = np.linalg.solve(_numpy_rbf(mem, mem, gamma) + lam * np.eye(len(mem)), targets)
         oracle = _numpy_rbf(tx, mem, gamma) @ alpha
         np.testing.assert_allclose(head.alpha.numpy(), alpha, rtol=1e-7, atol=1e-7)
         np.testing.assert_allclose(head(test_x).numpy(), oracle, rtol=1e-5, atol=1e-5)  # the output is float32
@@ -210,7 +211,8 @@ def test_union_label_space_can_be_wrong_where_within_domain_evaluation_is_right(
 
 
 def test_union_of_the_xtail_domains_keeps_repeated_names_apart():
-    order1 = ["Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet", "StanfordCars", "SUN397"]
+    order1 = ["Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet", "StanfordCars",
+              "SUN397"]
     space = union_label_space(order1)
     # zscl's Caltech101 has 101 classes (ZSCL's split); RAIL's CoOp split has 100, hence 1,101 not 1,100
     assert space.num_classes == 1101 and space.sizes[1] == 101
