@@ -133,6 +133,8 @@ def test_dual_refuses_a_kernel_over_the_memory_budget_up_front_in_one_line():
     with pytest.raises(KernelMemoryError, match="needs"):
         head.add(torch.randn(20, D), torch.zeros(20, dtype=torch.long))  # 60² would not fit
     assert head.memory.shape[0] == 40, "the refused chunk was not stored"
+    with pytest.raises(RuntimeError, match="solve"):
+        head(torch.randn(1, D))  # stored but not solved: refused rather than answered with a stale α
 
 
 def _random_fusion_case(seed: int = 0, n: int = 400, classes: int = 12, learned: int = 7):

@@ -202,6 +202,9 @@ class DualRidge(_GrowingBuffers):
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Raw scores ``k(x̂, X_mem) α`` [N, num_classes], float32; columns added after the last solve are 0."""
+        if self.alpha.shape[0] != self.memory.shape[0]:  # α belongs to an older memory: scores would be wrong
+            raise RuntimeError(f"the dual head holds {self.memory.shape[0]} samples but α was solved on "
+                               f"{self.alpha.shape[0]}; call solve() after add()")
         x = F.normalize(features.double(), dim=-1).to(self.memory.device)
         scores = rbf_kernel(x, self.memory, self.gamma) @ self.alpha
         pad = self.num_classes - scores.shape[1]
