@@ -21,24 +21,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fuse", "fuse_known_domain", "restrict_to_domain"]
+__all__ = ["fuse", "fuse_columns", "fuse_known_domain", "restrict_to_domain"]
+
+
+def fuse_columns(clip_logits: torch.Tensor, ridge_scores: torch.Tensor, columns: torch.Tensor,
+                 beta: float = 0.8) -> torch.Tensor:
+    """Fused scores [N, C] over an offered label space whose classes map to head columns (equation in the
+    module docstring).
+
+    ``columns`` [C]: the ridge head's column of each offered class, or -1 for a class not learned
+    (its ridge score is 0); CLIP's top class is "in a learned domain" when its column is >= 0.
+    With β = 0 the output is ``softmax(clip_logits)`` exactly.
+    """
+    probs = clip_logits.float().softmax(dim=1)
+    columns = columns.to(probs.device).long()
+    learned = columns >= 0
+    if not bool(learned.any()):
+        return probs
+    if int(columns.max()) >= ridge_scores.shape[1]:
+        raise ValueError(f"column {int(columns.max())} is outside the head's {ridge_scores.shape[1]}")
+    ridge = ridge_scores.to(probs)[:, columns.clamp_min(0)] * learned.to(probs)  # unseen classes: ridge says 0
+    in_learned = learned[probs.argmax(dim=1)].unsqueeze(1)
+    return torch.where(in_learned, (1.0 - beta) * probs + beta * ridge, probs)
 
 
 def fuse(clip_logits: torch.Tensor, ridge_scores: torch.Tensor, num_learned: int, beta: float = 0.8) -> torch.Tensor:
-    """Fused scores [N, C] (equation in the module docstring).
-
-    ``clip_logits`` [N, C]: ``100·x̂ Tᵀ`` over the offered label space, whose first ``num_learned``
-    columns are the learned classes (domains arrive in union order); ``ridge_scores`` [N, num_learned].
-    With β = 0 the output is ``softmax(clip_logits)`` exactly.
-    """
+    """:func:`fuse_columns` when the first ``num_learned`` offered classes are the head's columns in order
+    (domains arrive in union order); ``ridge_scores`` [N, num_learned]."""
     if ridge_scores.shape[1] != num_learned:
         raise ValueError(f"the ridge head has {ridge_scores.shape[1]} columns but {num_learned} classes are learned")
     if not 0 <= num_learned <= clip_logits.shape[1]:
         raise ValueError(f"{num_learned} learned classes in a label space of {clip_logits.shape[1]}")
-    probs = clip_logits.float().softmax(dim=1)
-    ridge = F.pad(ridge_scores.to(probs), (0, probs.shape[1] - num_learned))  # unseen classes: ridge says 0
-    in_learned = (probs.argmax(dim=1) < num_learned).unsqueeze(1)
-    return torch.where(in_learned, (1.0 - beta) * probs + beta * ridge, probs)
+    columns = torch.arange(clip_logits.shape[1])
+    return fuse_columns(clip_logits, ridge_scores, torch.where(columns < num_learned, columns, -1), beta)
 
 
 def restrict_to_domain(ridge_scores: torch.Tensor, offset: int, size: int) -> torch.Tensor:
