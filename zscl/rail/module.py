@@ -22,12 +22,18 @@ evaluated dataset's own, so the joint head is read on that dataset's columns onl
 no MTIL script). Hidden layer, statistics, memory and head are the export's sidecar ``X.rail.safetensors``, which
 is also how the next task continues them; the Lightning checkpoint holds them as buffers, so a killed task resumes
 to the bit.
+
+Since the CLIP never changes, an evaluation batch's features are the same after every task: they are kept in a
+process-wide cache keyed by the CLIP's weights and the batch's pixels (:class:`FeatureCache`), so a sequence
+encodes each test image once, as the reference evaluates its 10x10 cells on features extracted once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -43,6 +49,40 @@ from zscl.rail.ridge import DualRidge, PrimalRidge
 SUFFIX = ".rail.safetensors"
 #: defaults of the reference (``configs/analytic_clip.yaml``; the dual λ is hard-coded in ``dual_RAIL.py``)
 DEFAULT_LAMBDA = {"primal": 0.1, "dual": 1e-3}
+
+
+class FeatureCache:
+    """Features of evaluation batches by ``(CLIP fingerprint, batch fingerprint)``, least recently used first out
+    once over ``max_bytes``. A hit returns exactly what the same CLIP computed on the same batch."""
+
+    def __init__(self, max_bytes: int = 2 * 1024**3) -> None:
+        self.max_bytes, self.used = int(max_bytes), 0
+        self._items: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> Optional[torch.Tensor]:
+        if key in self._items:
+            self._items.move_to_end(key)
+        return self._items.get(key)
+
+    def put(self, key: tuple[str, str], value: torch.Tensor) -> None:
+        self._items[key] = value
+        self.used += value.numel() * value.element_size()
+        while self.used > self.max_bytes and self._items:
+            _, old = self._items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+
+
+FEATURES = FeatureCache()
+
+
+def fingerprint(tensors: "list[torch.Tensor]") -> str:
+    """blake2b of the tensors' shapes, dtypes and bytes (the same weights or pixels give the same string)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def sidecar(path: str) -> Path:
@@ -152,11 +192,21 @@ class RAILCLIP(CLIPMethod):
         self._classifiers = [spec_classifier(self.clip, self.bundle.tokenizer, s, device=self.device) for s in self._specs]
         self._columns = [torch.tensor([index.get(key, -1) for key in class_sources(s.name)], device=self.device)
                          for s in self._specs]
+        self._clip_print = fingerprint(list(self.clip.state_dict().values()))
+
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` of an evaluation batch, from :data:`FEATURES` when this CLIP has encoded it before."""
+        key = (self._clip_print, fingerprint([images]))
+        cached = FEATURES.get(key)
+        if cached is None:
+            cached = self.features(images)
+            FEATURES.put(key, cached.cpu())
+        return cached.to(images.device)
 
     @torch.no_grad()
     def eval_logits(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
         """``fuse_columns(100·x̂Tᵀ, ridge(x̂))``: 0.2·CLIP + 0.8·ridge where CLIP's top class is learned."""
-        feats = self.features(images)
+        feats = self.eval_features(images)
         clip_logits = 100.0 * feats @ self._classifiers[dataset]
         columns = self._columns[dataset]
         ridge = self.ridge(feats) if bool((columns >= 0).any()) else feats.new_zeros(len(feats), 0)

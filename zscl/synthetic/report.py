@@ -88,7 +88,7 @@ def _mtil_checks(summaries: dict[str, dict], zero_shot: list[float], rules: dict
     margin("ZSCL keeps: Transfer - ZS Transfer", zscl and zscl["transfer"] - zs_t, None if keeps is None else -keeps)
     margin("ZSCL learns: Last - finetune Last", zscl and ft and zscl["last"] - ft["last"], 0.0 if keeps is not None else None)
     rivals = [m for m in rules["best_of"] or [] if m != "zscl"]
-    ran = zscl is not None and all(m in summaries for m in rivals)
+    ran = zscl is not None and bool(rivals) and all(m in summaries for m in rivals)
     margin("ZSCL best: Avg - best other Avg of " + ", ".join(rivals),
            zscl["avg"] - max(summaries[m]["avg"] for m in rivals) if ran else None, 0.0 if rivals else None, strict=True)
     for m in rules["between"] or []:
