@@ -48,12 +48,17 @@ def _fit_primal(chunk: int | None, tasks, width: int = WIDTH, stop_after: int | 
     classes = 0
     for k, (x, y) in enumerate(tasks[:stop_after]):
         classes += TASK_CLASSES[k]
-        head.grow(classes)
-        step = chunk or len(x)
-        for i in range(0, len(x), step):
-            head.accumulate(x[i:i + step], y[i:i + step])
-        head.solve()
+        _learn_task(head, classes, x, y, chunk)
     return head
+
+
+def _learn_task(head: PrimalRidge, classes: int, x, y, chunk: int | None) -> None:
+    """Grow to ``classes``, accumulate the task in chunks of ``chunk`` (None: whole), solve."""
+    head.grow(classes)
+    step = chunk or len(x)
+    for i in range(0, len(x), step):
+        head.accumulate(x[i:i + step], y[i:i + step])
+    head.solve()
 
 
 @pytest.mark.parametrize("chunk", [1, 128, None], ids=["one-sample", "batch-128", "whole-task"])
@@ -64,11 +69,7 @@ def test_primal_head_is_the_direct_joint_solve_after_every_task(chunk, one_threa
     classes, xs, ys = 0, [], []
     for k, (x, y) in enumerate(tasks):
         classes += TASK_CLASSES[k]
-        head.grow(classes)
-        step = chunk or len(x)
-        for i in range(0, len(x), step):
-            head.accumulate(x[i:i + step], y[i:i + step])
-        head.solve()
+        _learn_task(head, classes, x, y, chunk)
         xs.append(x.double().numpy())
         ys.append(y.numpy())
         oracle = _numpy_primal(hidden, np.concatenate(xs), np.concatenate(ys), classes, LAM)

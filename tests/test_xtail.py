@@ -190,3 +190,33 @@ def test_rail_dual_refuses_a_kernel_over_its_budget_before_encoding(world, tmp_p
     n = len(build_dataset(DOMAINS[0], world, "train"))
     assert "\n" not in str(err.value) and f"{n:,} stored samples needs" in str(err.value)
     assert not (tmp_path / "dual" / "checkpoints").exists()
+
+
+# --- compare --------------------------------------------------------------------------------
+
+
+def _results(path: Path, setting: str, datasets: list[str]) -> Path:
+    n = len(datasets)
+    acc = [[50.0 + i + j for j in range(n)] for i in range(n)]
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"setting": setting, "benchmark": "xtail_order1", "method": "rail_primal",
+                                                   "datasets": datasets, "tasks": datasets, "accuracy": acc,
+                                                   "zero_shot": [40.0] * n}))
+    return path
+
+
+def test_compare_puts_an_xtail_run_beside_the_xtail_table_with_its_labelled_re_reports(tmp_path):
+    from zscl.evaluation.compare import CompareError, compare, load_published
+
+    domains = load_published("xtail_order1")["datasets"]
+    run = _results(tmp_path / "rail_primal", "xtail", domains)
+    _, _, tables = compare([str(run)])  # the run's benchmark names its published table
+    text = "\n\n".join(t.render("md") for t in tables)
+    row = next(line for line in text.splitlines() if line.startswith("| rail_primal"))
+    assert "| RAIL-Primal | 62.4 | 70.7 | 79.1 |" in row  # CoDyRA / MoRAM, in the comparison
+    assert "| RAIL-Primal (LADA re-report) | – | 71.1 | 81.4 |" in text  # the disagreeing re-report, apart, null kept
+    with pytest.raises(CompareError, match="MTIL table"):
+        compare([str(run)], published="mtil_order1")
+    mtil = _results(tmp_path / "mtil_run", "mtil", domains)
+    with pytest.raises(CompareError, match="different settings"):
+        compare([str(run), str(mtil)])

@@ -146,11 +146,14 @@ def _runs(names: list[str], results: dict[str, dict]) -> list:
 def _summary_table(runs: list, published: str = "mtil_order1") -> str:
     """Ours on the synthetic benchmark, with the paper's MTIL order I row of the same method beside it
     (no delta: the benchmarks differ; the point is the pattern)."""
-    from zscl.evaluation.compare import load_published, summary_table
+    from zscl.evaluation.compare import load_published, other_reports_table, summary_table
 
     title = {"mtil_order1": "paper MTIL-I", "mtil_order1_fewshot5": "paper 5-shot MTIL-I",
              "xtail_order1": "published X-TAIL-I"}.get(published, f"paper {published}")
-    return summary_table(runs, load_published(published), delta=False, published_title=title).render("md")
+    table = load_published(published)
+    others = other_reports_table(table)
+    text = summary_table(runs, table, delta=False, published_title=title).render("md")
+    return text + ("\n\n" + others.render("md") if others is not None else "")
 
 
 def _per_dataset_table(m: AccuracyMatrix) -> str:
