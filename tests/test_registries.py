@@ -77,9 +77,13 @@ def test_every_method_config_runs_a_short_sequence(world, name):
     assert res["method"] == name
     assert len(res["accuracy"]) == 2 and all(len(row) == 2 for row in res["accuracy"])
 
+    from zscl.methods.classes import model_class
+
+    suffixes = (".safetensors", *model_class(parser.parse_args(argv).get("model_class") or "continual_clip").sidecar_suffixes)
+
     def exported(stem: str) -> dict:
-        """The task's export: CLIP weights, plus adapters for methods that train them on a frozen CLIP."""
-        files = {"clip": out / "checkpoints" / f"{stem}.safetensors", "moe": out / "checkpoints" / f"{stem}.moe.safetensors"}
+        """The task's export: CLIP weights, plus the method's sidecars (adapters, a head on a frozen CLIP)."""
+        files = {s: out / "checkpoints" / f"{stem}{s}" for s in suffixes}
         return {f"{kind}:{k}": v for kind, f in files.items() if f.exists() for k, v in load_file(f).items()}
 
     first, second = exported("00-TinyColors"), exported("01-TinyStripes")

@@ -55,8 +55,10 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _spd_solve(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """``(a + λI)⁻¹ b`` in float64. ``a`` is a Gram matrix, so ``a + λI`` is symmetric positive
     definite (λ > 0): a Cholesky solve is cheaper and more stable than an explicit inverse."""
-    eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
-    factor = torch.linalg.cholesky(a.double() + lam * eye)
+    shifted = a.double().clone()  # one copy (1.8 GB at width 15,000), no identity matrix
+    shifted.diagonal().add_(lam)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted
     return torch.cholesky_solve(b.double(), factor)
 
 
