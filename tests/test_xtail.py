@@ -192,6 +192,18 @@ def test_rail_dual_refuses_a_kernel_over_its_budget_before_encoding(world, tmp_p
     assert not (tmp_path / "dual" / "checkpoints").exists()
 
 
+def test_rail_in_mtil_leaves_unlearned_datasets_at_zero_shot_and_reads_learned_ones_on_their_own_columns(world, tmp_path):  # noqa: F811
+    """MTIL gives the dataset: a dataset not learned yet is CLIP alone (the zero-shot cell exactly); a learned one
+    fuses with the joint head read on its own classes' columns, which must move its cell."""
+    argv = _argv(world, "rail_primal", tmp_path / "mtil", "--model.width", "256")
+    argv[1] = "benchmark/synthetic"
+    res = _run_here(argv)
+    assert res["setting"] == "mtil" and res["datasets"] == DOMAINS
+    for k in range(len(DOMAINS)):
+        assert all(res["accuracy"][k][j] == res["zero_shot"][j] for j in range(k + 1, len(DOMAINS)))
+    assert res["accuracy"][-1] != res["zero_shot"]
+
+
 # --- compare --------------------------------------------------------------------------------
 
 
