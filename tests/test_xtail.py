@@ -43,6 +43,20 @@ def test_a_union_view_is_every_domain_in_order_with_offset_labels_and_its_own_te
     assert len({v.name for v in views}) == len(views)
 
 
+@pytest.mark.parametrize("bench", ["xtail_order1", "xtail_order2", "xtail_order1_fullshot", "xtail_order2_fullshot",
+                                   "synthetic_xtail"])
+def test_every_method_of_the_issue_parses_with_every_xtail_benchmark(bench):
+    from zscl.cli.sequence import build_parser
+    from zscl.runner.configs import resolve_config_args
+    from zscl.settings import XTAIL, setting_for
+
+    for method in ("finetune", "lwf", "icarl", "wise", "zscl", "moe_adapters", "rail_primal", "rail_dual"):
+        argv = resolve_config_args(["--config", f"benchmark/{bench}", "--config", f"method/{method}"])
+        cfg = build_parser(argv).parse_args(argv)
+        assert isinstance(setting_for(cfg.benchmark), XTAIL), (bench, method)
+        assert (cfg.benchmark.xtail.shots is None) == ("fullshot" in bench or bench.startswith("synthetic"))
+
+
 def test_a_repeated_class_name_keeps_one_label_per_domain():
     space = ("SynthShape", "SynthFadedShape")  # the same shape names in both
     view = get_dataset(register_view(DatasetView("SynthShape", label_space=space)))
