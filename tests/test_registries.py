@@ -66,11 +66,13 @@ def test_every_method_config_runs_a_short_sequence(world, name):
     from safetensors.torch import load_file
 
     from zscl.cli.sequence import build_parser
+    from zscl.runner.build import prepare_argv
     from zscl.runner.sequence import SequenceRunner
 
     out = world / "out" / name
     argv = ["--config", str(world / "tiny" / "benchmark.yaml"), "--config", f"{config_registry('method').get(name)}",
             "--out", str(out), "--steps", "2", "--progress", "none", "--checkpoint_every", "100"]
+    argv = prepare_argv(argv)  # the one parse pipeline: the benchmark's method_overrides apply
     parser = build_parser(argv)  # the config's model_class picks the module
     SequenceRunner(parser, parser.parse_args(argv)).run()
     res = json.loads((out / "results.json").read_text())
