@@ -74,11 +74,13 @@ def test_every_method_config_runs_a_short_sequence(world, name):
     from safetensors.torch import load_file
 
     from zscl.cli.sequence import build_parser
+    from zscl.runner.build import prepare_argv
     from zscl.runner.sequence import SequenceRunner
 
     out = world / "out" / name
     argv = ["--config", str(world / "tiny" / "benchmark.yaml"), "--config", f"{config_registry('method').get(name)}",
             "--out", str(out), "--steps", "2", "--progress", "none", "--checkpoint_every", "100", *TINY_DATA.get(name, [])]
+    argv = prepare_argv(argv)  # the one parse pipeline: the benchmark's method_overrides apply
     parser = build_parser(argv)  # the config's model_class picks the module
     SequenceRunner(parser, parser.parse_args(argv)).run()
     res = json.loads((out / "results.json").read_text())
@@ -87,12 +89,11 @@ def test_every_method_config_runs_a_short_sequence(world, name):
 
     from zscl.methods.classes import model_class
 
-    suffixes = model_class(res["config"].get("model_class") or "continual_clip").sidecar_suffixes
+    suffixes = (".safetensors", *model_class(parser.parse_args(argv).get("model_class") or "continual_clip").sidecar_suffixes)
 
     def exported(stem: str) -> dict:
-        """The task's export: CLIP weights, plus the method's sidecars (what it trains on a frozen CLIP)."""
-        files = {"clip": out / "checkpoints" / f"{stem}.safetensors",
-                 **{suffix: out / "checkpoints" / f"{stem}{suffix}" for suffix in suffixes}}
+        """The task's export: CLIP weights, plus the method's sidecars (adapters, a head on a frozen CLIP)."""
+        files = {s: out / "checkpoints" / f"{stem}{s}" for s in suffixes}
         return {f"{kind}:{k}": v for kind, f in files.items() if f.exists() for k, v in load_file(f).items()}
 
     first, second = exported("00-TinyColors"), exported("01-TinyStripes")

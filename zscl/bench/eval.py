@@ -79,15 +79,15 @@ def run_eval(cfg: EvalBench) -> dict[str, Any]:
 
 
 def _measure(cfg: EvalBench, spec, root: Path, cache_dir: Path) -> dict[str, Any]:
-    from zscl.evaluation.zeroshot import build_classifier, dataset_batches, evaluate, resolve_amp
+    from zscl.evaluation.zeroshot import dataset_batches, evaluate, resolve_amp, spec_classifier
     from zscl.models import load_clip
 
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.precision, device)
     bundle = load_clip(cfg.model or ("ViT-B-16" if device.type == "cuda" else "zscl-tiny-vit"), None, device=device)
     model = bundle.model
-    classifier, classifier_s = timed(lambda: build_classifier(model, bundle.tokenizer, spec.classnames, spec.templates,
-                                                               device=device, amp_dtype=amp), device)
+    classifier, classifier_s = timed(lambda: spec_classifier(model, bundle.tokenizer, spec, device=device, amp_dtype=amp),
+                                     device)
     model_img_s = model_throughput(model, classifier, cfg.images, cfg.batch, bundle.image_size, device, amp)
     common = dict(batch_size=cfg.batch, num_workers=cfg.num_workers, progress=False)
 

@@ -1,7 +1,7 @@
 """``zscl demo``: the paper's MTIL table (fine-tuning, LwF, iCaRL, LwF-VR, WiSE-FT, ZSCL*, ZSCL) on the synthetic benchmark, end to end, on CPU.
 
     zscl demo [--out DIR] [--quick] [--ablations] [--methods finetune,zscl] [--seed N]
-              [--setting mtil|cil|fewshot] [--merging]
+              [--setting mtil|cil|fewshot|xtail] [--merging]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def build_parser() -> ArgumentParser:
                    help="ZSCL's parts one at a time (finetune, distill, we, l2, zscl) instead of the paper's table")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--progress", type=str, default="rich", help="rich | tqdm | none")
-    p.add_argument("--setting", type=str, choices=["mtil", "cil", "fewshot"], default="mtil",
-                   help="mtil (default), cil (class-incremental letters) or fewshot (5 images per class); "
-                        "cil/fewshot write under OUT/<setting>/")
+    p.add_argument("--setting", type=str, choices=["mtil", "cil", "fewshot", "xtail"], default="mtil",
+                   help="mtil (default), cil (class-incremental letters), fewshot (5 images per class) or xtail "
+                        "(no task id: every task's test set among all tasks' classes; RAIL); written under "
+                        "OUT/<setting>/")
     p.add_argument("--merging", action="store_true",
                    help="the merging study: one fine-tune per task, merged with every rule")
     return p

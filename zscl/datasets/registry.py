@@ -47,6 +47,10 @@ class DatasetSpec:
     templates: tuple[str, ...]
     builder: Builder
     layout: str  # expected files under the data root, "<root>" standing for it (used in errors)
+    #: per class, the templates that prompt it (replacing ``templates`` for that class); None: every class
+    #: uses ``templates``. A label space made of several datasets (X-TAIL's union) prompts each class
+    #: with its own dataset's templates.
+    class_templates: Optional[tuple[tuple[str, ...], ...]] = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -54,6 +58,11 @@ class DatasetSpec:
         where = f"dataset {self.name!r}"
         object.__setattr__(self, "classnames", check_strings(self.classnames, where, "classnames"))
         object.__setattr__(self, "templates", check_templates(self.templates, where))
+        if self.class_templates is not None:
+            per_class = tuple(check_templates(t, where) for t in self.class_templates)
+            if len(per_class) != len(self.classnames):
+                raise ValueError(f"{where}: {len(per_class)} class template lists for {len(self.classnames)} classes")
+            object.__setattr__(self, "class_templates", per_class)
         if not callable(self.builder):
             raise TypeError(f"{where}: builder must be callable (data_root, split, transform) -> Dataset")
 
@@ -66,8 +75,14 @@ class DatasetSpec:
         """The template ZSCL trains with: the first one."""
         return self.templates[0]
 
+    def templates_of(self, label: int) -> tuple[str, ...]:
+        """The templates that prompt class ``label`` (its own, else the dataset's)."""
+        return self.class_templates[label] if self.class_templates is not None else self.templates
+
     def prompts(self, template: str | None = None) -> list[str]:
         """``template`` (default: the training template) filled with every class name, in label order."""
+        if template is None and self.class_templates is not None:  # each class's own first template
+            return [fill_template(self.class_templates[j][0], c) for j, c in enumerate(self.classnames)]
         template = self.train_template if template is None else template
         return [fill_template(template, c) for c in self.classnames]
 

@@ -12,6 +12,11 @@ branches anywhere else.
   is never subsampled.
 * ``templates``: prompt templates replacing the base's (e.g. ZSCL's CIL prompt
   ``"a bad photo of a {c}."``, used for training and evaluation alike).
+* ``label_space``: datasets (``base`` among them) whose classes, concatenated in this order, form the
+  view's label space (X-TAIL's union of all domains). Dataset ``d`` owns the labels
+  ``offset(d) .. offset(d) + C_d``, ``offset(d) = Σ_{e before d} C_e``; the base's image of label ``y``
+  gets label ``offset(base) + y``. Each class keeps its own dataset's templates
+  (``DatasetSpec.class_templates``), and a name found in two datasets keeps two labels.
 
 The tag hashes the view's content, so two different views never share a name (nor an
 evaluation cache entry); evaluation of a view slices the *base* dataset's cache.
@@ -39,6 +44,7 @@ class DatasetView:
     classes: Optional[tuple[int, ...]] = None
     train_indices: Optional[tuple[int, ...]] = None
     templates: Optional[tuple[str, ...]] = None
+    label_space: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -49,12 +55,33 @@ class DatasetView:
             object.__setattr__(self, "train_indices", tuple(int(i) for i in self.train_indices))
         if self.templates is not None:
             object.__setattr__(self, "templates", tuple(self.templates))
+        if self.label_space is not None:
+            self._check_label_space()
+
+    def _check_label_space(self) -> None:
+        space = tuple(get_dataset(d).name for d in self.label_space or ())
+        object.__setattr__(self, "label_space", space)
+        if len(set(space)) != len(space) or get_dataset(self.base).name not in space:
+            raise ValueError(f"view of {self.base}: the label space {list(space)} must hold each dataset once, the base among them")
+        if self.classes is not None or self.templates is not None:
+            raise ValueError(f"view of {self.base}: a label space keeps every class with its own templates "
+                             "(no classes/templates)")
+
+    @property
+    def offset(self) -> int:
+        """The first label of the base's classes in the view (0 without a label space)."""
+        if self.label_space is None:
+            return 0
+        base = get_dataset(self.base).name
+        return sum(get_dataset(d).num_classes for d in self.label_space[: self.label_space.index(base)])
 
     @property
     def name(self) -> str:
-        content = json.dumps([self.base, self.classes, self.train_indices, self.templates])
+        parts = [self.base, self.classes, self.train_indices, self.templates]
+        content = json.dumps(parts + ([list(self.label_space)] if self.label_space is not None else []))
         digest = hashlib.sha1(content.encode()).hexdigest()[:10]
         kind = f"c{len(self.classes)}" if self.classes is not None else "all"
+        kind = f"u{len(self.label_space)}" if self.label_space is not None else kind
         shots = f"-n{len(self.train_indices)}" if self.train_indices is not None else ""
         return f"{self.base}@{kind}{shots}-{digest}"
 
@@ -68,7 +95,7 @@ class DatasetView:
                 raise ValueError(f"view of {self.base}: train indices {bad[:5]} outside 0..{len(labels) - 1}")
             positions = self.train_indices
         if self.classes is None:
-            return RemappedSubset(dataset, list(positions), [labels[i] for i in positions])
+            return RemappedSubset(dataset, list(positions), [labels[i] + self.offset for i in positions])
         new_label = {c: j for j, c in enumerate(self.classes)}
         keep = [i for i in positions if labels[i] in new_label]
         return RemappedSubset(dataset, keep, [new_label[labels[i]] for i in keep])
@@ -109,8 +136,32 @@ def register_view(view: DatasetView) -> str:
     if name not in DATASETS:
         base = get_dataset(view.base)
         names = base.classnames if view.classes is None else tuple(base.classnames[c] for c in view.classes)
-        register_dataset(ViewSpec(name, names, view.templates or base.templates, _builder(view), base.layout, view))
+        per_class = None
+        if view.label_space is not None:
+            specs = [get_dataset(d) for d in view.label_space]
+            names = tuple(c for s in specs for c in s.classnames)
+            per_class = tuple(s.templates for s in specs for _ in s.classnames)
+        register_dataset(ViewSpec(name, names, view.templates or base.templates, _builder(view), base.layout,
+                                  class_templates=per_class, view=view))
     return name
+
+
+def class_sources(name: str) -> list[tuple[str, int]]:
+    """For each label of dataset ``name``, the ``(dataset, label)`` of an ordinary dataset it is.
+
+    An ordinary dataset's label ``y`` is ``(name, y)``; a class view's label ``j`` is ``(base, classes[j])``;
+    a label-space view's label ``offset(d) + y`` is ``(d, y)``. A method that keeps state per class
+    (RAIL's ridge head) finds a class again under any view this way.
+    """
+    spec = get_dataset(name)
+    view = getattr(spec, "view", None)
+    if view is None:
+        return [(spec.name, y) for y in range(spec.num_classes)]
+    if view.label_space is not None:
+        return [(d, y) for d in view.label_space for y in range(get_dataset(d).num_classes)]
+    base = get_dataset(view.base).name
+    classes = view.classes if view.classes is not None else range(get_dataset(base).num_classes)
+    return [(base, int(c)) for c in classes]
 
 
 def view_of(name: str) -> Optional[DatasetView]:

@@ -190,9 +190,14 @@ def _published_cells(pub: Optional[dict], name: Optional[str], ours: list, publi
         return []
     if not pub:
         return [None] * (4 + 3 * delta)
-    values = [float(pub[k]) for k, _ in METRICS]
-    diffs = [Delta(o - v) if o is not None else None for o, v in zip(ours, values)] if delta else []
+    values = _printed(pub)
+    diffs = [Delta(o - v) if o is not None and v is not None else None for o, v in zip(ours, values)] if delta else []
     return [name, *values, *diffs]
+
+
+def _printed(pub: dict[str, Any]) -> list[Optional[float]]:
+    """A published row's Transfer / Avg / Last; a null cell (not reported) stays None, never 0."""
+    return [None if pub.get(k) is None else float(pub[k]) for k, _ in METRICS]
 
 
 def published_table(published: dict[str, Any]) -> Table:
@@ -204,9 +209,19 @@ def published_table(published: dict[str, Any]) -> Table:
     for entry in published["results"]:
         m = published_matrix(entry, published)
         ours = [summarize(m)[k] for k, _ in METRICS] if m is not None else [None] * 3
-        rows.append([entry["method"], *ours, *(float(entry["published"][k]) for k, _ in METRICS)])
+        rows.append([entry["method"], *ours, *_printed(entry["published"])])
     header = ["method", *(f"{t} (from matrix)" for _, t in METRICS), *(f"{t} (printed)" for _, t in METRICS)]
     return Table(header, rows, f"published: {published.get('benchmark', '')}", published_notes(published["results"]))
+
+
+def other_reports_table(published: dict[str, Any]) -> Optional[Table]:
+    """Published re-reports that disagree with a row or lack a number (``other_reports``), each with its source."""
+    others = published.get("other_reports") or []
+    if not others:
+        return None
+    rows = [[entry["method"], *_printed(entry["published"]), entry.get("source", "")] for entry in others]
+    return Table(["method", *(t for _, t in METRICS), "source"], rows,
+                 f"other published reports: {published.get('benchmark', '')} (kept apart; – = not reported)")
 
 
 def per_dataset_tables(runs: Sequence[Run]) -> list[Table]:
@@ -235,6 +250,8 @@ def comparison_tables(runs: Sequence[Run], published: Optional[dict[str, Any]] =
     tables = [summary_table(runs, published)] if runs else []
     if published is not None and not runs:
         tables.append(published_table(published))
+    others = other_reports_table(published) if published is not None else None
+    tables += [others] if others is not None else []
     if per_dataset and runs:
         tables += per_dataset_tables(runs)
     return tables
@@ -273,7 +290,7 @@ def compare(paths: Sequence[str], labels: Optional[Sequence[str]] = None, publis
                            "and test protocols differ; compare each setting apart")
     name = published or (runs[0].benchmark if runs and runs[0].benchmark in published_names() else None)
     table = load_published(name) if name else None
-    if table is not None and runs and result_kind(table) != _kind(runs[0]):
+    if table is not None and runs and (result_kind(table) != _kind(runs[0]) or setting_of(table) != runs[0].setting):
         raise CompareError(f"the published table {name!r} is a {setting_of(table).upper()} table but the runs are "
                            f"{settings.pop().upper()} runs; choose the matching --published table")
     if (runs and _kind(runs[0]) == "curve") or (not runs and table is not None and result_kind(table) == "curve"):

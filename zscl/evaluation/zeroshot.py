@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,34 @@ def build_classifier(
         emb = encode_texts(model, tokenizer(prompts).to(device))
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1).t().contiguous()
+
+
+@torch.no_grad()
+def spec_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    spec: Any,
+    *,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The zero-shot head [D, C] of a dataset spec: :func:`build_classifier` over its class names, each class
+    prompted with ``spec.templates_of(label)`` (one shared template list for an ordinary dataset; per class
+    for a label space made of several datasets). Class columns do not depend on one another, so classes
+    sharing a template list are encoded together and their columns scattered into label order."""
+    per_class = getattr(spec, "class_templates", None)
+    if per_class is None:
+        return build_classifier(model, tokenizer, spec.classnames, spec.templates, device=device, amp_dtype=amp_dtype)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for label, templates in enumerate(per_class):
+        groups.setdefault(tuple(templates), []).append(label)
+    columns: list[torch.Tensor] = [torch.empty(0)] * len(per_class)
+    for templates, labels in groups.items():
+        head = build_classifier(model, tokenizer, [spec.classnames[j] for j in labels], templates,
+                                device=device, amp_dtype=amp_dtype)
+        for i, j in enumerate(labels):
+            columns[j] = head[:, i]
+    return torch.stack(columns, dim=1)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -231,8 +259,7 @@ def evaluate_dataset(
     from zscl.datasets import get_dataset
 
     spec = get_dataset(name)
-    classifier = build_classifier(bundle.model, bundle.tokenizer, spec.classnames, spec.templates,
-                                  device=device, amp_dtype=amp_dtype)
+    classifier = spec_classifier(bundle.model, bundle.tokenizer, spec, device=device, amp_dtype=amp_dtype)
     loader, mean, std = dataset_batches(spec.name, data_root, bundle.test_transform, split=split,
                                         batch_size=batch_size, num_workers=num_workers, cache=cache,
                                         cache_dir=cache_dir, progress=progress, allow_bad=allow_bad)

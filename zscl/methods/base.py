@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from zscl.datasets.pixels import normalize_images
-from zscl.evaluation.zeroshot import Accuracy, build_classifier, image_logits, topk_correct
+from zscl.evaluation.zeroshot import Accuracy, image_logits, spec_classifier, topk_correct
 from zscl.methods.config import Speed, resolve_auto
 from zscl.methods.losses import cosine_warmup_factor
 
@@ -249,8 +249,8 @@ class CLIPMethod(L.LightningModule):
     def prepare_evaluation(self) -> None:
         """Build what :meth:`eval_logits` needs for ``self._specs`` (default: one zero-shot head per dataset)."""
         amp = torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else None
-        self._classifiers = [build_classifier(self.clip, self.bundle.tokenizer, s.classnames, s.templates,
-                                              device=self.device, amp_dtype=amp) for s in self._specs]
+        self._classifiers = [spec_classifier(self.clip, self.bundle.tokenizer, s, device=self.device, amp_dtype=amp)
+                             for s in self._specs]
 
     def eval_logits(self, images: torch.Tensor, dataset: int) -> torch.Tensor:
         """Logits of normalised ``images`` over the classes of evaluation dataset number ``dataset``."""

@@ -1,7 +1,7 @@
 """Which LightningModule a method config trains: the top-level ``model_class`` key.
 
 ``model_class`` names a registered class (``continual_clip``, the default, for finetune / ZSCL /
-ablations / merging; ``moe_adapters`` for MoE-Adapters, ``diki`` for DIKI) or a dotted path ``package.module.Class``.
+ablations / merging; ``moe_adapters`` for MoE-Adapters, ``diki`` for DIKI, ``rail`` for RAIL) or a dotted path ``package.module.Class``.
 The CLIs build their ``model:`` schema from that class, so every config without the key (and
 every ``--model.*`` override) keeps working exactly as before. Because the schema depends on the
 class, the key is read from the command line and the ``--config`` files *before* parsing
@@ -22,6 +22,7 @@ MODEL_CLASSES: Registry[str] = Registry("model class", loader=load_plugins)  # +
 MODEL_CLASSES.register("continual_clip", "zscl.methods.module.ContinualCLIP")
 MODEL_CLASSES.register("moe_adapters", "zscl.moe.module.MoEAdapterCLIP")
 MODEL_CLASSES.register("diki", "zscl.diki.module.DIKICLIP")
+MODEL_CLASSES.register("rail", "zscl.rail.module.RAILCLIP")
 
 
 def model_class(name: str = DEFAULT) -> type:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zscl.datasets.streams import mix_seed
-from zscl.evaluation.zeroshot import build_classifier
+from zscl.evaluation.zeroshot import spec_classifier
 from zscl.methods.base import CLIPMethod
 from zscl.moe.adapters import MoEAdapters, MoEConfig
 from zscl.moe.ddas import AutoEncoderBank, DDASConfig, build_extractor, clip_features, select_routes
@@ -194,8 +194,8 @@ class MoEAdapterCLIP(CLIPMethod):
             spec = self._specs[dataset]
             amp = torch.bfloat16 if self.on_cuda and torch.cuda.is_bf16_supported() else None
             with self.moe.routing(None if route < 0 else route):
-                self._classifiers[key] = build_classifier(self.clip, self.bundle.tokenizer, spec.classnames,
-                                                          spec.templates, device=self.device, amp_dtype=amp)
+                self._classifiers[key] = spec_classifier(self.clip, self.bundle.tokenizer, spec, device=self.device,
+                                                         amp_dtype=amp)
         return self._classifiers[key]
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -19,6 +19,7 @@ from zscl.registry import Registry
 from zscl.resources import configs_dir
 from zscl.settings.cil import ClassSteps
 from zscl.settings.few_shot import FewShot
+from zscl.settings.xtail import XTail
 
 KINDS = ("method", "task", "benchmark")
 
@@ -124,6 +125,7 @@ class Benchmark:
       (``classes``, ``few_shot``: see each setting's ``config_key``), else ``mtil``;
     * ``classes``: a class-incremental benchmark instead (tasks are generated, one per step);
     * ``few_shot``: train every task on a per-class subset of its training images;
+    * ``xtail``: X-TAIL (few- or full-shot training, every domain classified among all domains' classes);
     * ``method_overrides``: per method ``name:``, settings the benchmark imposes on that method
       (e.g. ZSCL's KD weights and WE period in class-incremental learning); they apply right after
       the method's own config, before any later config or command-line key
@@ -136,6 +138,7 @@ class Benchmark:
     eval_datasets: Optional[list[str]] = None
     classes: Optional[ClassSteps] = None
     few_shot: Optional[FewShot] = None
+    xtail: Optional[XTail] = None
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

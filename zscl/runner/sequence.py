@@ -267,18 +267,21 @@ class SequenceRunner:
     def _task(self, k: int) -> None:
         name, export = self.task_names[k], self.export_path(k)
         title = f"task {k + 1}/{len(self.tasks)}: {name}"
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         if not self.trained_path(k).exists():
             self._fit(k, title, self.trained_path(k))
         for hook in self.hooks:
             hook.after_task(self, k)
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         say(f"{title}: evaluating {export}")
         model, dm, kw = self.instantiate(self.task_cfg(k, str(export), eval_only=True))
         top1, top5 = self.setting.evaluate(self, self.trainer(kw, None, title), model, dm)
         self.results["accuracy"].append(top1)
         self.results["top5"].append(top5)
-        self.results["timing"].append({"task": name, "train_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
+        # wall seconds, and this process's CPU seconds (all its threads): on a shared machine the latter does not
+        # count the time other jobs held the cores
+        self.results["timing"].append({"task": name, "train_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2),
+                                       "train_cpu_s": round(c1 - c0, 2), "eval_cpu_s": round(time.process_time() - c1, 2)})
         self.save()
         say(self.setting.row_text(self, f"after {name}", top1))
         if not self.opts.keep_checkpoints and is_rank_zero():

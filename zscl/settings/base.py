@@ -125,14 +125,19 @@ class Setting:
         runner.save()
         say(self.row_text(runner, "zero-shot", top1))
 
+    def evaluated(self, runner: Any) -> list[str]:
+        """The dataset actually evaluated for each of ``runner.eval_names`` (MTIL: the datasets themselves)."""
+        return list(runner.eval_names)
+
     def evaluate(self, runner: Any, trainer: Any, module: Any, dm: Any) -> tuple[Any, Any]:
         """One validation pass; (top-1 row, top-5 row) as ``results.json`` stores them."""
         trainer.validate(module, datamodule=dm, verbose=False)
         res = module.eval_results
-        excluded = {n: dm.excluded_test_images.get(n, []) for n in runner.eval_names}  # --allow-bad-test-images
+        pairs = list(zip(runner.eval_names, self.evaluated(runner)))
+        excluded = {n: dm.excluded_test_images.get(v, []) for n, v in pairs}  # --allow-bad-test-images
         runner.results["excluded_test_images"] = {n: len(paths) for n, paths in excluded.items()}
         runner.results["excluded_test_image_paths"] = {n: paths for n, paths in excluded.items() if paths}
-        return [res[n].top1 for n in runner.eval_names], [res[n].top5 for n in runner.eval_names]
+        return [res[v].top1 for _, v in pairs], [res[v].top5 for _, v in pairs]
 
     def row_text(self, runner: Any, label: str, row: Any) -> str:
         cells = "  ".join(f"{n[:10]}={v:.1f}" for n, v in zip(runner.eval_names, row))

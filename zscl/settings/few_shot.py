@@ -66,13 +66,13 @@ class FewShotMTIL(Setting):
         return register_view(DatasetView(name, train_indices=tuple(indices)))
 
     def results_fields(self, runner: Any) -> dict[str, Any]:
-        return {**super().results_fields(runner), "few_shot": self.draw()}
+        return {**super().results_fields(runner), str(self.config_key): self.draw()}
 
     def check_results(self, runner: Any, old: dict[str, Any]) -> None:
         super().check_results(runner, old)
-        if old.get("few_shot") != self.draw():
-            raise ValueError(f"{runner.results_path()} is a run with another few-shot draw ({old.get('few_shot')}); "
-                             "use a new --out")
+        if old.get(str(self.config_key)) != self.draw():
+            raise ValueError(f"{runner.results_path()} is a run with another few-shot draw "
+                             f"({old.get(str(self.config_key))}); use a new --out")
 
     def train_dataset(self, runner: Any, k: int) -> str:
         return self.subset_view(runner, k)  # iCaRL herds its exemplars among the few-shot images only

@@ -35,11 +35,12 @@ class DemoOptions:
     seed: int = 0
     progress: str = "rich"  # rich | tqdm | none
     merging: bool = False  # the merging study instead of the continual comparison
-    setting: str = "mtil"  # mtil | cil | fewshot: which synthetic benchmark (configs/demo.yaml: settings)
+    setting: str = "mtil"  # mtil | cil | fewshot | xtail: which synthetic benchmark (configs/demo.yaml: settings)
 
 
 def load_plan(setting: str = "mtil") -> dict[str, Any]:
-    """The demo plan; for ``cil``/``fewshot``, with that setting's benchmark, methods and quick mode."""
+    """The demo plan; for another setting (``cil``, ``fewshot``, ``xtail``), with its benchmark, methods, quick
+    mode and acceptance checks."""
     with open(configs_dir() / "demo.yaml", encoding="utf-8") as f:
         plan = yaml.safe_load(f)
     plan["setting"] = setting
@@ -50,6 +51,8 @@ def load_plan(setting: str = "mtil") -> dict[str, Any]:
     block = plan["settings"][setting]
     plan.update(benchmark=block["benchmark"], default=block["default"], quick={**plan["quick"], **block.get("quick", {})},
                 published=block.get("published"))
+    if block.get("acceptance"):  # the setting's own claims replace or switch off the MTIL checks it names
+        plan["acceptance"] = {**plan.get("acceptance", {}), **block["acceptance"]}
     if block.get("scale") is False:
         plan["scale"] = {}
     return plan

@@ -9,6 +9,14 @@ initial model's row). The paper's MTIL pattern, on the synthetic benchmark:
 * ZSCL's Avg is the highest of the paper's table (finetune, LwF, iCaRL, LwF-VR, WiSE-FT, ZSCL);
 * LwF, iCaRL, LwF-VR and WiSE-FT each keep more Transfer than fine-tuning.
 
+A setting's plan may switch a check off (its rule ``null``, or an empty list) and add, per method of a list:
+
+* ``keeps_zero_shot: {methods, within}``: ``0 <= Transfer - ZS Transfer <= within`` (RAIL in X-TAIL);
+* ``learns: {methods, min}``: ``Last - ZS Last >= min``;
+* ``faster: {method, than, ratio}``: the whole sequence (training + evaluation of every task, the runs'
+  ``timing``, in CPU seconds of each run's process, which other jobs on a shared machine do not inflate) of
+  ``than`` takes at least ``ratio`` times as long as ``method``'s.
+
 A check whose methods did not run has ``passed: None`` and reads "not run".
 """
 
@@ -41,43 +49,86 @@ def _room_checks(zero_shot: list[float], chance: list[float], rules: dict) -> li
     zs_last = sum(zero_shot) / len(zero_shot)
     weak = rules["weak_tasks"]
     n_weak = sum(z < weak["below"] for z in zero_shot)
-    ratio = min(z / c for z, c in zip(zero_shot, chance))
-    return [_check("room to learn: ZS Last <= max", zs_last, rules["zs_last_max"], zs_last <= rules["zs_last_max"]),
-            _check(f"tasks under {weak['below']:g} % zero-shot", n_weak, weak["count"], n_weak >= weak["count"]),
-            _check("zero-shot / chance on every task (min)", ratio, rules["chance_ratio_min"],
-                   ratio >= rules["chance_ratio_min"])]
+    ratio, least = min(z / c for z, c in zip(zero_shot, chance)), rules["chance_ratio_min"]
+    checks = [_check("room to learn: ZS Last <= max", zs_last, rules["zs_last_max"], zs_last <= rules["zs_last_max"]),
+              _check(f"tasks under {weak['below']:g} % zero-shot", n_weak, weak["count"], n_weak >= weak["count"])]
+    return checks + ([_check("zero-shot / chance on every task (min)", ratio, least, ratio >= least)] if least else [])
 
 
 def acceptance(summaries: dict[str, dict], zero_shot: list[float], chance: list[float],
-               rules: Optional[dict] = None) -> list[dict[str, Any]]:
+               rules: Optional[dict] = None, seconds: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
     """The checks of the module docstring, each ``{"check", "value", "threshold", "passed"}``.
 
-    ``summaries``: method name -> :func:`zscl.evaluation.metrics.summarize` of its run. ``value`` is
-    the margin or quantity the threshold applies to; ``passed`` is None when a method is missing."""
+    ``summaries``: method name -> :func:`zscl.evaluation.metrics.summarize` of its run; ``seconds``: method
+    name -> its sequence's time. ``value`` is the margin or quantity the threshold applies to; ``passed`` is
+    None when a method is missing."""
     rules = {**DEFAULT_ACCEPTANCE, **(rules or {})}
     checks = _room_checks(zero_shot, chance, rules)
+    checks += _mtil_checks(summaries, zero_shot, rules)
+    checks += _method_checks(summaries, zero_shot, rules, seconds or {})
+    return checks
+
+
+def _mtil_checks(summaries: dict[str, dict], zero_shot: list[float], rules: dict) -> list[dict[str, Any]]:
+    """The MTIL pattern's checks (module docstring); a rule set to null is skipped."""
+    checks: list[dict[str, Any]] = []
     # The zero-shot row's Transfer is its mean over tasks 2..T (each column's rows before it are all
     # the initial model); its Avg and Last are its plain mean.
     zs_t, zs_l = sum(zero_shot[1:]) / max(1, len(zero_shot) - 1), sum(zero_shot) / len(zero_shot)
     ft, zscl = summaries.get("finetune"), summaries.get("zscl")
 
-    def margin(name: str, value: Optional[float], threshold: float, strict: bool = False) -> None:
+    def margin(name: str, value: Optional[float], threshold: Optional[float], strict: bool = False) -> None:
+        if threshold is None:
+            return
         passed = None if value is None else (value > threshold if strict else value >= threshold)
         checks.append(_check(name, value, threshold, passed))
 
     margin("finetune learns: Last - ZS Last", ft and ft["last"] - zs_l, rules["ft_learns"])
     margin("finetune forgets: ZS Transfer - Transfer", ft and zs_t - ft["transfer"], rules["ft_forgets"])
-    margin("ZSCL keeps: Transfer - ZS Transfer", zscl and zscl["transfer"] - zs_t, -rules["zscl_keeps"])
-    margin("ZSCL learns: Last - finetune Last", zscl and ft and zscl["last"] - ft["last"], 0.0)
-    rivals = [m for m in rules["best_of"] if m != "zscl"]
-    ran = zscl is not None and all(m in summaries for m in rivals)
+    keeps = rules["zscl_keeps"]
+    margin("ZSCL keeps: Transfer - ZS Transfer", zscl and zscl["transfer"] - zs_t, None if keeps is None else -keeps)
+    margin("ZSCL learns: Last - finetune Last", zscl and ft and zscl["last"] - ft["last"], 0.0 if keeps is not None else None)
+    rivals = [m for m in rules["best_of"] or [] if m != "zscl"]
+    ran = zscl is not None and bool(rivals) and all(m in summaries for m in rivals)
     margin("ZSCL best: Avg - best other Avg of " + ", ".join(rivals),
-           zscl["avg"] - max(summaries[m]["avg"] for m in rivals) if ran else None, 0.0, strict=True)
-    for m in rules["between"]:
+           zscl["avg"] - max(summaries[m]["avg"] for m in rivals) if ran else None, 0.0 if rivals else None, strict=True)
+    for m in rules["between"] or []:
         other = summaries.get(m)
         margin(f"{m} keeps more than finetune: Transfer - finetune's",
                other and ft and other["transfer"] - ft["transfer"], 0.0, strict=True)
     return checks
+
+
+def _method_checks(summaries: dict[str, dict], zero_shot: list[float], rules: dict,
+                   seconds: dict[str, float]) -> list[dict[str, Any]]:
+    """The optional per-method checks of the module docstring (``keeps_zero_shot``, ``learns``, ``faster``)."""
+    zs_t, zs_l = sum(zero_shot[1:]) / max(1, len(zero_shot) - 1), sum(zero_shot) / len(zero_shot)
+    checks: list[dict[str, Any]] = []
+    keep = rules.get("keeps_zero_shot") or {}
+    for m in keep.get("methods", []):
+        d = summaries[m]["transfer"] - zs_t if m in summaries else None
+        checks.append(_check(f"{m} keeps zero-shot: Transfer - ZS Transfer in [0, within]", d, keep["within"],
+                             None if d is None else 0.0 <= d <= keep["within"]))
+    learn = rules.get("learns") or {}
+    for m in learn.get("methods", []):
+        d = summaries[m]["last"] - zs_l if m in summaries else None
+        checks.append(_check(f"{m} learns: Last - ZS Last", d, learn["min"], None if d is None else d >= learn["min"]))
+    fast = rules.get("faster")
+    if fast:
+        m, other = fast["method"], fast["than"]
+        ratio = seconds[other] / max(seconds[m], 1e-9) if m in seconds and other in seconds else None
+        checks.append(_check(f"{m} faster: {other}'s sequence CPU time / {m}'s", ratio, fast["ratio"],
+                             None if ratio is None else ratio >= fast["ratio"]))
+    return checks
+
+
+def sequence_seconds(results: dict, cpu: bool = False) -> float:
+    """A run's time: training and evaluation of every task (``timing`` of results.json), zero-shot row excluded;
+    with ``cpu``, the process's CPU seconds (runs written before they were recorded count their wall seconds)."""
+    timing = results.get("timing") or []
+    if cpu and all("train_cpu_s" in t for t in timing):
+        return float(sum(t["train_cpu_s"] + t["eval_cpu_s"] for t in timing))
+    return float(sum(t["train_s"] + t["eval_s"] for t in timing))
 
 
 def _verdict(check: dict) -> str:
@@ -100,10 +151,14 @@ def _runs(names: list[str], results: dict[str, dict]) -> list:
 def _summary_table(runs: list, published: str = "mtil_order1") -> str:
     """Ours on the synthetic benchmark, with the paper's MTIL order I row of the same method beside it
     (no delta: the benchmarks differ; the point is the pattern)."""
-    from zscl.evaluation.compare import load_published, summary_table
+    from zscl.evaluation.compare import load_published, other_reports_table, summary_table
 
-    title = {"mtil_order1": "paper MTIL-I", "mtil_order1_fewshot5": "paper 5-shot MTIL-I"}.get(published, f"paper {published}")
-    return summary_table(runs, load_published(published), delta=False, published_title=title).render("md")
+    title = {"mtil_order1": "paper MTIL-I", "mtil_order1_fewshot5": "paper 5-shot MTIL-I",
+             "xtail_order1": "published X-TAIL-I"}.get(published, f"paper {published}")
+    table = load_published(published)
+    others = other_reports_table(table)
+    text = summary_table(runs, table, delta=False, published_title=title).render("md")
+    return text + ("\n\n" + others.render("md") if others is not None else "")
 
 
 def _per_dataset_table(m: AccuracyMatrix) -> str:
@@ -120,11 +175,14 @@ def write_report(plan: dict, names: list[str], results: dict[str, dict], out: Pa
     runs = _runs(names, results)
     summaries = {r.label: r.summary for r in runs}
     first = runs[0].matrix
-    checks = acceptance(summaries, first.zero_shot, chance_levels(first.datasets), plan.get("acceptance"))
+    seconds = {n: sequence_seconds(results[n]) for n in names}
+    cpu_seconds = {n: sequence_seconds(results[n], cpu=True) for n in names}
+    checks = acceptance(summaries, first.zero_shot, chance_levels(first.datasets), plan.get("acceptance"), cpu_seconds)
     plots = write_plots(runs, out / "plots", "synthetic benchmark")
     table = _summary_table(runs, plan.get("published") or "mtil_order1")
     labels = ", ".join(f"`{n}` = {plan['methods'][n]['label']}" for n in names)
-    kind = "few-shot (5 images per class) " if plan.get("setting") == "fewshot" else ""
+    kind = {"fewshot": "few-shot (5 images per class) ", "xtail": "X-TAIL (no task id: union label space) "}.get(
+        plan.get("setting") or "", "")
     lines = [f"# zscl demo: the synthetic {kind}continual benchmark{' (quick)' if quick else ''}", "",
              f"Tasks in order: {', '.join(first.datasets)}. Total time {elapsed:.0f} s.", "",
              "## Methods", "", table, "", f"Methods: {labels}.", "",
@@ -138,7 +196,9 @@ def write_report(plan: dict, names: list[str], results: dict[str, dict], out: Pa
     lines += ["## Plots", "", "![metrics](plots/metrics.png)", "", "![transfer curves](plots/transfer_curves.png)", "",
               "![accuracy matrices](plots/heatmaps.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
-    summary = {"methods": {n: {k: summaries[n][k] for k in ("transfer", "avg", "last")} for n in names},
+    summary = {"methods": {n: {**{k: summaries[n][k] for k in ("transfer", "avg", "last")},
+                               "sequence_s": round(seconds[n], 1), "sequence_cpu_s": round(cpu_seconds[n], 1)}
+                           for n in names},
                "zero_shot": {"transfer": summaries[names[0]]["zero_shot_transfer"], "avg": summaries[names[0]]["zero_shot_avg"]},
                "acceptance": checks, "elapsed_s": round(elapsed, 1), "quick": quick,
                "plots": [str(p) for p in plots]}

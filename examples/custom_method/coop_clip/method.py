@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
-from zscl.evaluation.zeroshot import build_classifier
+from zscl.evaluation.zeroshot import spec_classifier
 from zscl.methods.base import CLIPMethod
 
 SUFFIX = ".coop.safetensors"
@@ -115,8 +115,7 @@ class CoOpCLIP(CLIPMethod):
                 context = self.contexts[self.task_names.index(spec.name)]
                 heads.append(self.encode_prompts(self._prompt_tokens(list(spec.classnames)), context).float().t())
             else:  # never trained: zero-shot CLIP with the dataset's templates
-                heads.append(build_classifier(self.clip, self.bundle.tokenizer, spec.classnames, spec.templates,
-                                              device=self.device))
+                heads.append(spec_classifier(self.clip, self.bundle.tokenizer, spec, device=self.device))
         self._classifiers = heads
 
     def describe(self) -> str:
