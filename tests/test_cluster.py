@@ -10,7 +10,6 @@ waits there until a signal arrives, so no test depends on timing.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import torch
 
 from tests import slurm_cluster, snapshots
 from tests.test_sequence import REPO, assert_same_run, read_results, run_zscl, snapshot_args
-from tests.tiny_world import benchmark_yaml, make_tiny_world
+from tests.tiny_world import world_with_start
 
 STEPS = 6
 INTERRUPTED = 75  # zscl.utils.signals.EXIT_INTERRUPTED, restated: the documented exit status
@@ -34,14 +33,7 @@ CLEAN_LOG = ("sync_dist=True", "`srun` command is available")  # Lightning hints
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from zscl.models import load_clip, save_state_dict
-
-    root = tmp_path_factory.mktemp("cluster-world")
-    make_tiny_world(root)
-    benchmark_yaml(root, steps=STEPS)
-    torch.manual_seed(1)
-    save_state_dict(load_clip("zscl-tiny-vit").model.state_dict(), root / "tiny" / "start.safetensors")
-    return root
+    return world_with_start(tmp_path_factory.mktemp("cluster-world"), STEPS)
 
 
 def args(world: Path, out: Path, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import snapshots
-from tests.tiny_world import benchmark_yaml, make_tiny_world, task_yaml
+from tests.tiny_world import task_yaml, world_with_start
 
 STEPS = 8
 WE_EVERY = 4  # WE members: task start, after iterations 0 and 4, and the final weights (8 % 4 == 0)
@@ -56,16 +56,7 @@ def snapshot_args(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from zscl.models import load_clip, save_state_dict
-
-    root = tmp_path_factory.mktemp("world")
-    make_tiny_world(root)
-    benchmark_yaml(root, steps=STEPS)
-    # ZSCL runs start task 1 from other weights than the initial (teacher) ones, so that distillation
-    # has a gradient from the first step on and the teacher and the WC anchor differ.
-    torch.manual_seed(1)
-    save_state_dict(load_clip("zscl-tiny-vit").model.state_dict(), root / "tiny" / "start.safetensors")
-    return root
+    return world_with_start(tmp_path_factory.mktemp("world"), STEPS)
 
 
 @pytest.fixture(scope="module")

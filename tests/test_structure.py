@@ -130,7 +130,8 @@ def test_core_packages_do_not_import_the_synthetic_world():
 
 # Lower layers first; an import from a module to one of a later layer is "upward".
 LAYERS = ["zscl.utils", "zscl.registry", "zscl.resources", "zscl.plugins", "zscl.models", "zscl.datasets",
-          "zscl.reference", "zscl.evaluation", "zscl.merging", "zscl.methods", "zscl.moe", "zscl.settings",
+          "zscl.reference", "zscl.evaluation", "zscl.merging", "zscl.methods", "zscl.moe", "zscl.diki", "zscl.rail",
+          "zscl.settings",
           "zscl.runner", "zscl.bench", "zscl.synthetic", "zscl.cli", "zscl.__main__"]
 
 

@@ -98,3 +98,17 @@ def task_yaml(root: Path, path: Path, dataset: str, steps: int, default_root_dir
     path.write_text(_settings(root, dataset=f"\n  dataset: {dataset}", lr="\n  lr: 1.0e-3",
                               trainer=f"\n  max_steps: {steps}\n  default_root_dir: {default_root_dir}"))
     return path
+
+
+def world_with_start(root: Path, steps: int) -> Path:
+    """The tiny world, its benchmark, and ``tiny/start.safetensors``: other weights than the initial (teacher)
+    ones, so that a ZSCL run distils with a gradient from the first step on and teacher and WC anchor differ."""
+    import torch
+
+    from zscl.models import load_clip, save_state_dict
+
+    make_tiny_world(root)
+    benchmark_yaml(root, steps=steps)
+    torch.manual_seed(1)
+    save_state_dict(load_clip("zscl-tiny-vit").model.state_dict(), root / "tiny" / "start.safetensors")
+    return root
