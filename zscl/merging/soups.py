@@ -130,14 +130,9 @@ def wise_last(
     """(1−α) θ0 + α θ_t with θ_t the last of ``models``: after each task the model evaluated is the WiSE blend
     of the latest trained model with the initial one, while training continues from the trained model
     (the reference evaluates ``merge(zero-shot, checkpoint, alpha)`` and never trains from it)."""
-    if base is None or not models:
-        raise MergeError("wise_last interpolates a base θ0 and the last of the models; got " +
-                         ("no models" if base is not None else "no base"))
-    if weights is not None:
-        raise MergeError("wise_last takes no per-model weights; use alpha")
-    if not math.isfinite(alpha):
-        raise MergeError(f"wise_last: alpha must be a finite number, got {alpha}")
-    return stream_merge(base, models, lambda key, b, ts: torch.lerp(b, ts[-1], alpha))
+    if not models:
+        raise MergeError("wise_last interpolates a base θ0 and the last of the models; got no models")
+    return wise(base, list(models)[-1:], weights, alpha=alpha)  # only the last model is read
 
 
 @register_rule(
