@@ -156,3 +156,19 @@ def test_create_method_builds_the_configs_class_with_overrides():
     moe = create_method("method/moe_adapters", clip="zscl-tiny-vit", pretrained=None, moe={"num_experts": 3})
     assert type(moe) is MoEAdapterCLIP and moe.moe_cfg.num_experts == 3 and moe.moe_cfg.top_k == 2
     assert json.loads(json.dumps(moe.hparams["moe"]))["num_experts"] == 3
+
+
+def test_a_model_class_that_cannot_be_used_is_refused_in_one_line(tmp_path):
+    """A user's model_class that is not importable, or not a method, is named with what was expected."""
+    from zscl.methods.classes import model_class
+
+    with pytest.raises(ValueError, match=r"cannot import nopkg\.mod\.Cls .*No module named 'nopkg'.*PYTHONPATH"):
+        model_class("nopkg.mod.Cls")
+    with pytest.raises(ValueError, match=r"zscl\.runner\.build\.parse_run is not a zscl\.methods\.CLIPMethod subclass"):
+        model_class("zscl.runner.build.parse_run")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel_class: nopkg.mod.Cls\n")
+    out = subprocess.run([sys.executable, "-m", "zscl", "sequence", "--config", "benchmark/synthetic", "--config",
+                          str(bad), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "zscl sequence: model_class 'nopkg.mod.Cls': cannot import" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()

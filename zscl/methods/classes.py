@@ -29,7 +29,17 @@ def model_class(name: str = DEFAULT) -> type:
     """The LightningModule class of a registered name or a dotted path."""
     path = MODEL_CLASSES.get(name) if "." not in name else name
     module, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model_class {name!r}: cannot import {path} ({err}); a method from your own package "
+                         "must be importable (installed, or on PYTHONPATH)") from err
+    from zscl.methods.base import CLIPMethod
+
+    if not (isinstance(cls, type) and issubclass(cls, CLIPMethod)):
+        raise ValueError(f"model_class {name!r}: {path} is not a zscl.methods.CLIPMethod subclass "
+                         "(see docs/ADDING_A_METHOD.md)")
+    return cls
 
 
 def model_class_from_args(argv: list[str]) -> str:
