@@ -98,7 +98,7 @@ def run(cfg) -> dict:
 
 def _method_export(pretrained: Optional[str]):
     """The method class of an export whose inference is more than its CLIP's zero-shot head, else None."""
-    from zscl.methods.base import method_of_export
+    from zscl.methods.classes import method_of_export
 
     if not pretrained or not Path(pretrained).is_file():
         return None

@@ -5,7 +5,8 @@ A new method is one :class:`CLIPMethod` subclass and one YAML naming it as ``mod
 (``docs/ADDING_A_METHOD.md``); :func:`zscl.runner.build.create_method` builds any method config's module.
 """
 
-from zscl.methods.base import CLIPMethod, load_export
+from zscl.methods.base import CLIPMethod
+from zscl.methods.classes import load_export
 from zscl.methods.config import Distillation, Speed
 from zscl.methods.datamodule import ContinualDataModule
 from zscl.methods.module import ContinualCLIP

@@ -30,7 +30,7 @@ from zscl.evaluation.zeroshot import Accuracy, image_logits, spec_classifier, to
 from zscl.methods.config import Speed, resolve_auto
 from zscl.methods.losses import cosine_warmup_factor
 
-#: safetensors metadata key naming the method class that wrote an export (see :func:`load_export`)
+#: safetensors metadata key naming the method class that wrote an export (see :func:`zscl.methods.classes.method_of_export`)
 METHOD_KEY = "zscl_method"
 
 
@@ -316,26 +316,4 @@ def export_metadata(path: str) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def method_of_export(path: str) -> type[CLIPMethod]:
-    """The class that wrote an export: its metadata, else a registered class whose sidecar lies beside it,
-    else the plain fine-tuning class (any open_clip checkpoint)."""
-    from pathlib import Path
-
-    from zscl.methods.classes import DEFAULT, MODEL_CLASSES, model_class
-
-    named = export_metadata(path).get(METHOD_KEY)
-    if named:
-        return model_class(named)
-    stem = str(path)[: -len(".safetensors")] if str(path).endswith(".safetensors") else None
-    for name in MODEL_CLASSES.names():
-        cls = model_class(name)
-        if stem and any(Path(stem + s).exists() for s in cls.sidecar_suffixes):
-            return cls
-    return model_class(DEFAULT)
-
-
-def load_export(path: str, clip: Optional[str] = None) -> CLIPMethod:
-    """Any method's model rebuilt from its export (``zscl eval``), in eval mode."""
-    return method_of_export(path).load_export(path, clip=clip)
-
-__all__ = ["CLIPMethod", "METHOD_KEY", "export_metadata", "load_export", "method_of_export"]
+__all__ = ["CLIPMethod", "METHOD_KEY", "export_metadata"]

@@ -11,6 +11,7 @@ class, the key is read from the command line and the ``--config`` files *before*
 from __future__ import annotations
 
 import importlib
+from typing import Any, Optional
 
 import yaml
 
@@ -72,3 +73,26 @@ def _from_config(path: str) -> str | None:
     except OSError:
         return None  # the parser reports missing files itself
     return data.get("model_class") if isinstance(data, dict) else None
+
+
+def method_of_export(path: str) -> type:
+    """The class that wrote an export: its metadata, else a registered class whose sidecar lies beside it,
+    else the plain fine-tuning class (any open_clip checkpoint)."""
+    from pathlib import Path
+
+    from zscl.methods.base import METHOD_KEY, export_metadata
+
+    named = export_metadata(path).get(METHOD_KEY)
+    if named:
+        return model_class(named)
+    stem = str(path)[: -len(".safetensors")] if str(path).endswith(".safetensors") else None
+    for name in MODEL_CLASSES.names():
+        cls = model_class(name)
+        if stem and any(Path(stem + s).exists() for s in cls.sidecar_suffixes):
+            return cls
+    return model_class(DEFAULT)
+
+
+def load_export(path: str, clip: Optional[str] = None) -> Any:
+    """Any method's model rebuilt from its export (``zscl eval``), in eval mode."""
+    return method_of_export(path).load_export(path, clip=clip)
