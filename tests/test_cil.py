@@ -281,7 +281,12 @@ def test_demo_plans_for_the_other_settings_and_the_cil_report(tmp_path):
     results = {n: {"setting": "cil", "benchmark": "synthetic_cil", "dataset": "SynthLetter", "step_classes": steps,
                    "accuracy": acc, "seen_classes": [[0, 1], [0, 1, 2], [0, 1, 2, 3]], "zero_shot": [80.0, 60.0, 40.0]}
                for n, acc in (("finetune", [90.0, 60.0, 30.0]), ("zscl", [90.0, 75.0, 66.0]))}
-    summary = write_cil_report(cil, ["finetune", "zscl"], results, tmp_path, 1.0, quick=True)
+    from zscl.settings import SETTINGS
+
+    rules = {"ft_forgets": 0.0, "zscl_above_ft": 0.0}  # 40 - 30 = 10; 77 - 60 = 17 and 66 - 30 = 36
+    summary = write_cil_report(cil, ["finetune", "zscl"], results, tmp_path, 1.0, quick=True,
+                               setting=SETTINGS.get("cil"), rules=rules)
+    assert [(c["value"], c["passed"]) for c in summary["acceptance"]] == [(10.0, True), (17.0, True), (36.0, True)]
     assert summary["methods"]["zscl"] == {"avg": pytest.approx(77.0), "last": 66.0}
     assert summary["methods"]["finetune"] == {"avg": pytest.approx(60.0), "last": 30.0}
     report = (tmp_path / "report.md").read_text()

@@ -251,3 +251,24 @@ def test_state_dict_round_trip_is_bit_identical_and_resumes_exactly(tmp_path, on
     back = _round_trip(dual, DualRidge(D), tmp_path)
     assert back.num_classes == 4 and torch.equal(back.memory, dual.memory) and torch.equal(back.alpha, dual.alpha)
     assert torch.equal(back(probe), dual(probe))
+
+
+def test_the_zero_shot_head_cache_keys_on_the_prompts_not_the_name():
+    """RAIL keeps CLIP's zero-shot heads across tasks (the CLIP is frozen): a cached head is exactly what the CLIP
+    computes, and a spec with the same name but other prompts is never served another spec's head."""
+    from dataclasses import replace
+
+    from zscl.datasets import DatasetSpec
+    from zscl.evaluation.zeroshot import spec_classifier
+    from zscl.rail.module import RAILCLIP, fingerprint
+
+    torch.set_num_threads(1)
+    model = RAILCLIP(clip="zscl-synth-tiny", pretrained="synthetic", width=16)
+    model._clip_print = fingerprint(list(model.clip.state_dict().values()))
+    a = DatasetSpec(name="SameName", classnames=("red", "blue"), templates=("a {c} thing.",),
+                    builder=lambda *args: None, layout="-")
+    b = replace(a, templates=("a photo of a {c} circle.",))
+    first_a, first_b, again_a = model._classifier(a), model._classifier(b), model._classifier(a)
+    assert torch.equal(first_a, spec_classifier(model.clip, model.bundle.tokenizer, a))
+    assert torch.equal(first_b, spec_classifier(model.clip, model.bundle.tokenizer, b))
+    assert torch.equal(again_a, first_a) and not torch.equal(first_a, first_b)

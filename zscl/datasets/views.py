@@ -95,7 +95,8 @@ class DatasetView:
                 raise ValueError(f"view of {self.base}: train indices {bad[:5]} outside 0..{len(labels) - 1}")
             positions = self.train_indices
         if self.classes is None:
-            return RemappedSubset(dataset, list(positions), [labels[i] + self.offset for i in positions])
+            offset = self.offset  # once: the property walks the label space's registry entries
+            return RemappedSubset(dataset, list(positions), [labels[i] + offset for i in positions])
         new_label = {c: j for j, c in enumerate(self.classes)}
         keep = [i for i in positions if labels[i] in new_label]
         return RemappedSubset(dataset, keep, [new_label[labels[i]] for i in keep])

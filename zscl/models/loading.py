@@ -14,6 +14,7 @@ Resize + CenterCrop, both bicubic, RGB, normalised with the weights' mean/std (O
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,11 +310,20 @@ def _bundle(net: torch.nn.Module, name: str, config_name: str, weights: _Weights
         pretrained=weights.provenance,
         train_transform=train,
         test_transform=test,
-        tokenizer=open_clip.get_tokenizer(config_name),
+        tokenizer=_tokenizer(config_name),
         image_size=size,
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(config_name: str) -> Callable[[Sequence[str]], torch.Tensor]:
+    """open_clip's tokenizer of a config, built once per process: building one parses the BPE merges (~0.1 s),
+    and a sequence loads its CLIP twice per task. Tokenizing is a pure function of the text, so one is shared."""
+    import open_clip
+
+    return open_clip.get_tokenizer(config_name)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

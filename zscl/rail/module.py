@@ -189,10 +189,21 @@ class RAILCLIP(CLIPMethod):
     def prepare_evaluation(self) -> None:
         """Per evaluated dataset: CLIP's zero-shot head and the head column of each offered class (-1: unseen)."""
         index = {key: i for i, key in enumerate(self.class_keys)}
-        self._classifiers = [spec_classifier(self.clip, self.bundle.tokenizer, s, device=self.device) for s in self._specs]
+        self._clip_print = fingerprint(list(self.clip.state_dict().values()))
+        self._classifiers = [self._classifier(s) for s in self._specs]
         self._columns = [torch.tensor([index.get(key, -1) for key in class_sources(s.name)], device=self.device)
                          for s in self._specs]
-        self._clip_print = fingerprint(list(self.clip.state_dict().values()))
+
+    def _classifier(self, spec: Any) -> torch.Tensor:
+        """CLIP's zero-shot head of ``spec``; like the image features, the same for this CLIP after every task, so
+        it is kept in :data:`FEATURES` too, keyed by the prompts themselves (class names and templates)."""
+        prompts = (spec.classnames, spec.templates, getattr(spec, "class_templates", None))
+        key = (self._clip_print, "classifier:" + hashlib.blake2b(repr(prompts).encode(), digest_size=16).hexdigest())
+        cached = FEATURES.get(key)
+        if cached is None:
+            cached = spec_classifier(self.clip, self.bundle.tokenizer, spec, device=self.device)
+            FEATURES.put(key, cached.cpu())
+        return cached.to(self.device)
 
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """:meth:`features` of an evaluation batch, from :data:`FEATURES` when this CLIP has encoded it before."""

@@ -18,10 +18,13 @@ class names; Transfer / Avg / Last from the matrix (:mod:`zscl.evaluation.metric
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from zscl.plugins import load_plugins
 from zscl.registry import Registry
+
+if TYPE_CHECKING:
+    from zscl.settings.acceptance import Checks, Scores
 
 
 # The built-ins register on import of zscl.settings; plugins (zscl.plugins) on the first lookup.
@@ -163,6 +166,32 @@ class Setting:
         from zscl.evaluation.metrics import AccuracyMatrix, summarize
 
         return summarize(AccuracyMatrix(results["datasets"], results["accuracy"], results["zero_shot"]))
+
+    # ----------------------------------------------------------------- the demo's acceptance checks
+    @classmethod
+    def acceptance(cls, scores: "Scores", rules: dict[str, Any]) -> "Checks":
+        """MTIL's pattern (Zheng et al. 2023, Table 1) on the runs (:mod:`zscl.settings.acceptance`), thresholds
+        from ``rules``: room to learn; fine-tuning learns (Last - ZS Last >= ``ft_learns``) and forgets
+        (ZS Transfer - Transfer >= ``ft_forgets``); ZSCL keeps (Transfer >= ZS Transfer - ``zscl_keeps``) and
+        learns as much as fine-tuning (Last - its Last >= ``zscl_vs_ft_last``); ZSCL's Avg beats every method of ``best_of``; each method of
+        ``between`` keeps more Transfer than fine-tuning."""
+        from zscl.settings.acceptance import Checks
+
+        c = Checks(scores, rules)
+        c.room()
+        c.gap("finetune learns: Last - ZS Last", "finetune", "zero_shot", "last", "ft_learns")
+        c.gap("finetune forgets: ZS Transfer - Transfer", "zero_shot", "finetune", "transfer", "ft_forgets")
+        c.gap("ZSCL keeps: Transfer - ZS Transfer", "zscl", "zero_shot", "transfer", "zscl_keeps", sign=-1.0)
+        c.gap("ZSCL learns: Last - finetune Last", "zscl", "finetune", "last", "zscl_vs_ft_last")
+        rivals = [m for m in rules.get("best_of") or [] if m != "zscl"]
+        if rivals:
+            c.claim("ZSCL best: Avg - best other Avg of " + ", ".join(rivals), ["zscl", *rivals],
+                    lambda: scores.get("zscl", "avg") - max(scores.get(m, "avg") for m in rivals), 0.0, strict=True)
+        for m in rules.get("between") or []:
+            c.claim(f"{m} keeps more than finetune: Transfer - finetune's", [m, "finetune"],
+                    lambda m=m: scores.get(m, "transfer") - scores.get("finetune", "transfer"), 0.0, strict=True)
+        c.per_method()
+        return c
 
 
 __all__ = ["SETTINGS", "Setting", "result_kind", "setting_class", "setting_for", "setting_of"]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from zscl.settings.base import SETTINGS, Setting, setting_of
+
+if TYPE_CHECKING:
+    from zscl.settings.acceptance import Checks, Scores
 
 
 @dataclass
@@ -162,3 +165,28 @@ class ClassIncremental(Setting):
         from zscl.evaluation.incremental import IncrementalCurve, summarize_cil
 
         return summarize_cil(IncrementalCurve.from_results(results))
+
+    @classmethod
+    def acceptance(cls, scores: "Scores", rules: dict[str, Any]) -> "Checks":
+        """Class-incremental CIFAR100's published pattern (ZSCL's Table 3, MoE-Adapters' cil/ results), thresholds
+        from ``rules``: room to learn (ZS Last <= ``zs_last_max``); fine-tuning forgets (its Last below
+        zero-shot's by more than ``ft_forgets``); ZSCL's Avg and Last above fine-tuning's (by more than
+        ``zscl_above_ft``) and at least zero-shot's (- ``zscl_keeps``); MoE-Adapters' Avg at least ZSCL's
+        (- ``moe_reaches``), its Avg and Last above zero-shot's (by more than ``moe_keeps``)."""
+        from zscl.settings.acceptance import Checks
+
+        c = Checks(scores, rules)
+        c.claim("room to learn: ZS Last <= max", [], lambda: scores.zero_shot["last"], rules.get("zs_last_max"),
+                upper=True)
+        c.gap("finetune forgets: ZS Last - finetune Last", "zero_shot", "finetune", "last", "ft_forgets", strict=True)
+        for metric in ("avg", "last"):
+            c.gap(f"ZSCL above finetune: {metric.title()} - finetune's", "zscl", "finetune", metric, "zscl_above_ft",
+                  strict=True)
+            c.gap(f"ZSCL keeps zero-shot: {metric.title()} - ZS {metric.title()}", "zscl", "zero_shot", metric,
+                  "zscl_keeps", sign=-1.0)
+        c.gap("MoE-Adapters reaches ZSCL: Avg - ZSCL Avg", "moe_adapters", "zscl", "avg", "moe_reaches", sign=-1.0)
+        for metric in ("avg", "last"):
+            c.gap(f"MoE-Adapters above zero-shot: {metric.title()} - ZS {metric.title()}", "moe_adapters", "zero_shot",
+                  metric, "moe_keeps", strict=True)
+        return c
+

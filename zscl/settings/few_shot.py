@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zscl.settings.base import SETTINGS, Setting
 from zscl.utils.io import write_json_atomic
+
+if TYPE_CHECKING:
+    from zscl.settings.acceptance import Checks, Scores
 
 
 @dataclass
@@ -83,3 +86,26 @@ class FewShotMTIL(Setting):
             for j in range(k):  # earlier tasks' views, named in an exemplar memory replayed now
                 self.subset_view(runner, j)
             cfg["data.dataset"] = self.subset_view(runner, k)
+
+    @classmethod
+    def acceptance(cls, scores: "Scores", rules: dict[str, Any]) -> "Checks":
+        """5-shot MTIL's published pattern (the CoDyRA page's table), thresholds from ``rules``: room to learn;
+        fine-tuning forgets (ZS Transfer - Transfer >= ``ft_forgets``); ZSCL keeps Transfer within ``zscl_keeps``
+        of zero-shot's and ends above zero-shot's Last (by more than ``zscl_learns``); ``best_avg.methods`` have
+        the best Avg of ``best_avg.of``; LwF ends below fine-tuning's Last (by more than ``lwf_below_ft``) and below
+        zero-shot's (``lwf_below_zs``), and ``lowest_last.methods`` have the lowest Last of ``lowest_last.of``."""
+        from zscl.settings.acceptance import Checks
+
+        c = Checks(scores, rules)
+        c.room()
+        c.gap("finetune forgets: ZS Transfer - Transfer", "zero_shot", "finetune", "transfer", "ft_forgets")
+        c.gap("ZSCL keeps: Transfer - ZS Transfer", "zscl", "zero_shot", "transfer", "zscl_keeps", sign=-1.0)
+        c.gap("ZSCL learns: Last - ZS Last", "zscl", "zero_shot", "last", "zscl_learns", strict=True)
+        c.best("best_avg", "avg")
+        c.gap("LwF ends below finetune: finetune Last - LwF Last", "finetune", "lwf", "last", "lwf_below_ft",
+              strict=True)
+        c.gap("LwF ends below zero-shot: ZS Last - LwF Last", "zero_shot", "lwf", "last", "lwf_below_zs", strict=True)
+        c.best("lowest_last", "last", lowest=True)
+        c.per_method()
+        return c
+

@@ -14,10 +14,13 @@ the task x domain matrix (Zheng et al. 2023; RAIL's ``primal_RAIL.py`` uses the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from zscl.settings.base import SETTINGS
 from zscl.settings.few_shot import FewShotMTIL
+
+if TYPE_CHECKING:
+    from zscl.settings.acceptance import Checks, Scores
 
 
 @dataclass
@@ -59,3 +62,23 @@ class XTAIL(FewShotMTIL):
         if self.options.shots is not None:
             super().task_cfg(runner, k, cfg, eval_only)
         cfg["data.eval_datasets"] = self.union_views(runner)
+
+    @classmethod
+    def acceptance(cls, scores: "Scores", rules: dict[str, Any]) -> "Checks":
+        """X-TAIL's published pattern (RAIL's and LADA's tables), thresholds from ``rules``: RAIL keeps zero-shot
+        Transfer (``keeps_zero_shot``) and learns (``learns``), ``best_last.methods`` have the best Last;
+        fine-tuning forgets more than in the MTIL demo (``ft_forgets``); ZSCL's Avg lead over fine-tuning is
+        below ``zscl_lead_max`` (the MTIL demo's) and its Avg edge over zero-shot below ``zscl_edge_max``
+        (published: +10.1 on MTIL, +2.3 on X-TAIL); RAIL is ``faster.ratio`` x faster than ZSCL."""
+        from zscl.settings.acceptance import Checks
+
+        c = Checks(scores, rules)
+        c.per_method()
+        c.best("best_last", "last")
+        c.gap("finetune forgets: ZS Transfer - Transfer", "zero_shot", "finetune", "transfer", "ft_forgets")
+        c.gap("ZSCL's Avg lead over finetune (below the MTIL demo's)", "zscl", "finetune", "avg", "zscl_lead_max",
+              upper=True, strict=True)
+        c.gap("ZSCL's Avg edge over zero-shot (most of the MTIL demo's lost)", "zscl", "zero_shot", "avg",
+              "zscl_edge_max", upper=True, strict=True)
+        return c
+

