@@ -157,3 +157,12 @@ def test_a_null_threshold_switches_a_check_off():
     rules = {**MTIL_RULES, "ft_learns": None, "between": []}
     names = [c["check"] for c in _checks("mtil", MTIL, rules=rules).items]
     assert not any(n.startswith(("finetune learns", "wise keeps")) for n in names) and len(names) == 12 - 1 - 4
+
+
+def test_equal_metrics_that_differ_by_round_off_are_equal():
+    """RAIL's Transfer equals zero-shot's cell by cell, but the two means are taken in different orders: a
+    difference of -1e-15 must pass "Transfer - ZS Transfer >= 0" (it failed a demo run before the rounding)."""
+    zs = {**ZS, "transfer": 66.2 + 1e-14}
+    checks = _checks("xtail", XTAIL | {"rail_primal": {**XTAIL["rail_primal"], "transfer": 66.2}}, zero_shot=zs,
+                     rules={"keeps_zero_shot": {"methods": ["rail_primal"], "within": 0.5}})
+    assert [c["passed"] for c in checks.items] == [True, True] and checks.items[0]["value"] == 0.0

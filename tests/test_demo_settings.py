@@ -53,8 +53,13 @@ def test_quick_demo_prints_its_own_settings_checks_only(quick):
     assert any(n.startswith(own) for n in names), names
 
 
+# Measured on seeds 0-4 (configs/demo.yaml's quick blocks and the README give the ranges): CIL: finetune ends
+# 3.9-12.7 below zero-shot's Last, ZSCL 13.4-23.2 above finetune's Last and 11.0-17.8 above zero-shot's Avg;
+# few-shot: finetune loses 12.7-18.3 of Transfer, ZSCL stays within -2.1..+0.2 of zero-shot's and 11.8-17.8 above
+# finetune's; X-TAIL: RAIL's Last 27.3-30.0 above zero-shot's, finetune loses 29.9-33.3 of Transfer. Every bound
+# leaves a margin of at least 1.9 points on every seed.
 BOUNDS = {
-    "cil_ft_forgets": None, "cil_zscl_over_ft_last": None, "cil_zscl_over_zs_avg": None,
-    "fs_ft_forgets": None, "fs_zscl_keeps": None, "fs_zscl_over_ft": None,
-    "xt_rail_learns": None, "xt_ft_forgets": None,
+    "cil_ft_forgets": 1.0, "cil_zscl_over_ft_last": 8.0, "cil_zscl_over_zs_avg": 6.0,
+    "fs_ft_forgets": 8.0, "fs_zscl_keeps": 4.0, "fs_zscl_over_ft": 7.0,
+    "xt_rail_learns": 15.0, "xt_ft_forgets": 15.0,
 }
