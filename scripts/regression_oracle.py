@@ -7,7 +7,11 @@
 History: first recorded with the code of commit 900c5c6 (before the method contract of issue 21); the
 contract (87d063b) reproduced all 15 runs to the bit. Re-recorded after issue 22's deliberate changes
 (a CIL step runs len(loader) + 1 iterations; LwF-VR's vocabulary is the same every task), which changed
-exactly cil_quick/*, moe_cil_quick/* and mtil_full/lwf_vr; the other 11 runs stayed identical.
+exactly cil_quick/*, moe_cil_quick/* and mtil_full/lwf_vr; the other 11 runs stayed identical. Re-recorded
+after issue 26's deliberate changes (the CIL demo on SynthFadedLetter with 5 epochs a step, 15 in quick mode, and
+MoE-Adapters' own CIL recipe; the few-shot demo on the camera tasks, 40 quick steps), which changed exactly
+cil_quick/*, fewshot_quick/* and moe_cil_quick/*; the other 10 runs (mtil_quick, moe_quick, mtil_full) stayed
+identical, RAIL's caches and the shared tokenizer included.
 torch 2.14.1 / torchvision 0.29.1 on the project's 2-core x86-64 machine, seed 0. Exact float equality
 is expected on the same torch build and CPU kind; another build may differ in the last bits.
 """
@@ -33,7 +37,8 @@ KEYS = ("accuracy", "top5", "zero_shot", "metrics")
 
 def run(out: Path) -> None:
     for name, args in RUNS.items():
-        subprocess.run(["zscl", "demo", *args, "--out", str(out / name), "--progress", "none"], check=True)
+        # --no-check: the oracle records matrices; a demo's acceptance verdict is not its concern
+        subprocess.run(["zscl", "demo", *args, "--out", str(out / name), "--progress", "none", "--no-check"], check=True)
 
 
 def collect(out: Path) -> dict:

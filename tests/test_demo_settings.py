@@ -19,8 +19,8 @@ def quick(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"demo_{request.param}")
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--setting", request.param, "--quick", "--out", str(out), "--progress", "none"])
-    assert exit_.value.code == 0, "a quick demo's checks must pass"
-    return request.param, json.loads((out / request.param / "summary.json").read_text())
+    summary = json.loads((out / request.param / "summary.json").read_text())
+    return request.param, {**summary, "exit_code": exit_.value.code}
 
 
 def test_quick_demo_shows_its_settings_ordering(quick):
@@ -46,7 +46,8 @@ def test_quick_demo_shows_its_settings_ordering(quick):
 def test_quick_demo_prints_its_own_settings_checks_only(quick):
     setting, summary = quick
     names = [c["check"] for c in summary["acceptance"]]
-    assert names and all(c["passed"] is True for c in summary["acceptance"])
+    assert names and all(c["passed"] is True for c in summary["acceptance"]), summary["acceptance"]
+    assert summary["exit_code"] == 0, "a demo whose checks pass exits 0"
     assert not any(n.startswith(("room to learn", "tasks under", "ZSCL best")) for n in names if setting != "cil"), names
     assert summary["checks_left_out"] == 0, "a quick demo's thresholds name only the methods it runs"
     own = {"cil": "ZSCL above finetune", "fewshot": "ZSCL keeps", "xtail": "rail_primal keeps zero-shot"}[setting]
@@ -55,11 +56,11 @@ def test_quick_demo_prints_its_own_settings_checks_only(quick):
 
 # Measured on seeds 0-4 (configs/demo.yaml's quick blocks and the README give the ranges): CIL: finetune ends
 # 3.9-12.7 below zero-shot's Last, ZSCL 13.4-23.2 above finetune's Last and 11.0-17.8 above zero-shot's Avg;
-# few-shot: finetune loses 12.7-18.3 of Transfer, ZSCL stays within -2.1..+0.2 of zero-shot's and 11.8-17.8 above
-# finetune's; X-TAIL: RAIL's Last 27.3-30.0 above zero-shot's, finetune loses 29.9-33.3 of Transfer. Every bound
-# leaves a margin of at least 1.9 points on every seed.
+# few-shot: finetune loses 17.0-26.2 of Transfer, ZSCL stays within -1.4..+0.6 of zero-shot's (without its
+# distillation: -7.5..-3.7) and 17.6-24.8 above finetune's; X-TAIL: RAIL's Last 27.3-30.0 above zero-shot's,
+# finetune loses 29.9-33.3 of Transfer. Every bound leaves a margin of at least 1.1 points on every seed.
 BOUNDS = {
     "cil_ft_forgets": 1.0, "cil_zscl_over_ft_last": 8.0, "cil_zscl_over_zs_avg": 6.0,
-    "fs_ft_forgets": 8.0, "fs_zscl_keeps": 4.0, "fs_zscl_over_ft": 7.0,
+    "fs_ft_forgets": 12.0, "fs_zscl_keeps": 2.5, "fs_zscl_over_ft": 12.0,
     "xt_rail_learns": 15.0, "xt_ft_forgets": 15.0,
 }
