@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: bash .whl/bench_h200.sh OUT  (PYTHONPATH set by the caller). Prioritised, deadline-guarded.
+# Usage: bash benchmarks/h200-2026-12-04/bench_h200.sh OUT (it ran as .whl/bench_h200.sh on the device)  (PYTHONPATH set by the caller). Prioritised, deadline-guarded.
 O=$1; R=/tmp/res; mkdir -p "$R"; DEADLINE=${DEADLINE:-400}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$O/gpu.csv" 2>&1; cat "$O/gpu.csv"
