@@ -196,12 +196,18 @@ def few_shot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
     """
     if shots < 1:
         raise ValueError(f"few-shot needs shots >= 1, got {shots}")
+    return sorted(i for items in ranked_by_class(labels, f"{seed},").values() for i in items[:shots])
+
+
+def ranked_by_class(labels: Sequence[int], salt: str) -> dict[int, list[int]]:
+    """Each class's positions, ranked by ``blake2b(salt + "label,position")``: a seeded per-class order that is a
+    pure function of the labels and the salt (the same on every machine, Python, torch version and rank).
+    Few-shot draws (:func:`few_shot_indices`) and DIKI's hold-out take a prefix of each class's ranking."""
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(int(y), []).append(i)
 
     def rank(y: int, i: int) -> bytes:
-        return hashlib.blake2b(f"{seed},{y},{i}".encode(), digest_size=8).digest()
+        return hashlib.blake2b(f"{salt}{y},{i}".encode(), digest_size=8).digest()
 
-    chosen = [i for y, items in by_class.items() for i in sorted(items, key=lambda i: rank(y, i))[:shots]]
-    return sorted(chosen)
+    return {y: sorted(items, key=lambda i: rank(y, i)) for y, items in by_class.items()}

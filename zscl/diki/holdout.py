@@ -14,11 +14,12 @@ no validation split, so every task is treated that way:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+
+from zscl.datasets.views import ranked_by_class
 
 
 def holdout_positions(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
@@ -27,17 +28,10 @@ def holdout_positions(labels: Sequence[int], fraction: float, seed: int) -> list
     Ascending."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"the hold-out fraction must be in [0, 1), got {fraction}")
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-
-    def key(y: int, i: int) -> bytes:
-        return hashlib.blake2b(f"holdout,{seed},{y},{i}".encode(), digest_size=8).digest()
-
     held: list[int] = []
-    for y, items in by_class.items():
+    for items in ranked_by_class(labels, f"holdout,{seed},").values():
         n = min(max(round(fraction * len(items)), int(fraction > 0)), len(items) - 1)
-        held += sorted(items, key=lambda i: key(y, i))[:n]
+        held += items[:n]
     return sorted(held)
 
 
