@@ -195,5 +195,5 @@ def test_a_demo_whose_checks_all_pass_exits_0(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--out", str(tmp_path)])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "zscl demo: all 1 acceptance checks passed"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "zscl demo: all 1 acceptance check passed"
 

@@ -167,3 +167,8 @@ def test_equal_metrics_that_differ_by_round_off_are_equal():
     checks = _checks("xtail", XTAIL | {"rail_primal": {**XTAIL["rail_primal"], "transfer": 66.2}}, zero_shot=zs,
                      rules={"keeps_zero_shot": {"methods": ["rail_primal"], "within": 0.5}})
     assert [c["passed"] for c in checks.items] == [True, True] and checks.items[0]["value"] == 0.0
+
+
+def test_a_malformed_best_rule_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"acceptance rule 'best_avg' needs \{methods: \[...\], of: \[...\]\}"):
+        _checks("few_shot", FEWSHOT, rules={"best_avg": {"methods": ["moe_adapters"]}})

@@ -61,7 +61,8 @@ def _verdict(checks: list[dict], gate: bool) -> int:
 
     failed = [c["check"] for c in failing(checks)]
     if not failed:
-        print(f"zscl demo: all {len(checks)} acceptance checks passed" if checks else "zscl demo: done")
+        n = len(checks)
+        print(f"zscl demo: all {n} acceptance check{'s' if n != 1 else ''} passed" if checks else "zscl demo: done")
         return 0
     what = f"{len(failed)} of {len(checks)} acceptance checks failed ({'; '.join(failed)})"
     if not gate:

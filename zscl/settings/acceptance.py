@@ -78,6 +78,8 @@ class Checks:
         rule = self.rules.get(key)
         if not rule:
             return
+        if not isinstance(rule, dict) or not {"methods", "of"} <= set(rule):
+            raise ValueError(f"acceptance rule {key!r} needs {{methods: [...], of: [...]}}; got {rule!r}")
         group, rivals = list(rule["methods"]), [m for m in rule["of"] if m not in rule["methods"]]
         get, name = self.scores.get, metric.title()
         if lowest:

@@ -131,7 +131,7 @@ def _user_method(plan: dict, value: str) -> str:
 def methods_to_run(plan: dict, opts: DemoOptions) -> list[str]:
     if opts.ablations and (opts.methods or plan["setting"] != "mtil"):
         raise ValueError("--ablations picks the methods itself, on the MTIL-style benchmark: "
-                         "use it without --methods and without --setting cil/fewshot")
+                         "use it without --methods and without --setting cil/fewshot/xtail")
     if opts.methods:
         names = [_user_method(plan, m) for m in opts.methods]
     elif opts.ablations:
